@@ -1,0 +1,70 @@
+"""Pixel likelihoods p(x | z): each maps a decoder's output to a distribution over a flat image.
+
+A decoder for a likelihood with ``params_per_pixel = k`` outputs ``k * P`` numbers per image.
+"""
+
+
+import pyro.distributions as dist
+import torch
+
+
+class Bernoulli:
+    """Bernoulli pixels, for binary images; the decoder outputs logits."""
+
+    name = "bernoulli"
+    params_per_pixel = 1
+    needs_binary_data = True
+
+    def __call__(self, out: torch.Tensor) -> dist.Distribution:
+        return dist.Bernoulli(logits=out).to_event(1)
+
+    def mean(self, out: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(out)
+
+
+class ContinuousBernoulli:
+    """The continuous Bernoulli (Loaiza-Ganem & Cunningham 2019, arXiv 1907.06845): a normalized
+    density on [0, 1], for grey-level images; the decoder outputs logits."""
+
+    name = "continuous-bernoulli"
+    params_per_pixel = 1
+    needs_binary_data = False
+
+    def __call__(self, out: torch.Tensor) -> dist.Distribution:
+        return dist.ContinuousBernoulli(logits=out).to_event(1)
+
+    def mean(self, out: torch.Tensor) -> torch.Tensor:
+        return dist.ContinuousBernoulli(logits=out).mean
+
+
+class Gaussian:
+    """Gaussian pixels with a learned per-pixel variance: the decoder outputs mu and log sigma^2.
+
+    The scale is floored softly at ``min_scale`` (``sigma = min_scale + exp(log sigma^2 / 2)``):
+    on images with constant pixels (MNIST's background) the density is otherwise unbounded.
+    """
+
+    name = "gaussian"
+    params_per_pixel = 2
+    needs_binary_data = False
+
+    def __init__(self, min_scale: float = 1e-2):
+        if not min_scale >= 0:
+            raise ValueError(f"min_scale must be >= 0, got {min_scale}")
+        self.min_scale = min_scale
+
+    def __call__(self, out: torch.Tensor) -> dist.Distribution:
+        loc, log_var = out.chunk(2, dim=-1)
+        return dist.Normal(loc, self.min_scale + torch.exp(0.5 * log_var)).to_event(1)
+
+    def mean(self, out: torch.Tensor) -> torch.Tensor:
+        return out.chunk(2, dim=-1)[0]
+
+
+LIKELIHOODS = {cls.name: cls for cls in (Bernoulli, ContinuousBernoulli, Gaussian)}
+
+
+def make_likelihood(name: str):
+    if name not in LIKELIHOODS:
+        raise ValueError(f"unknown likelihood {name!r}: choose one of {', '.join(LIKELIHOODS)}")
+    return LIKELIHOODS[name]()

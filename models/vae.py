@@ -1,0 +1,60 @@
+"""The variational autoencoder's generative model (Kingma & Welling 2013, arXiv 1312.6114).
+
+.. math:: p(z) = \\mathcal N(0, I), \\qquad p(x \\mid z) = \\prod_i p(x_i \\mid \\mathrm{decoder}(z))
+"""
+
+from typing import Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+from pvae.plate import data_plate
+
+from .likelihoods import make_likelihood
+from .networks import ConvDecoder, mlp
+
+
+class VAE(nn.Module):
+    """p(z) p(x | z) as a Pyro program, with a standard normal prior over ``latent_dim`` dimensions.
+
+    :param decoder: maps z ``(..., latent_dim)`` to the likelihood's parameters ``(..., k * P)``.
+    :param likelihood: one of :mod:`pvae.models.likelihoods`.
+    """
+
+    def __init__(self, decoder: nn.Module, likelihood, latent_dim: int):
+        super().__init__()
+        self.decoder = decoder
+        self.likelihood = likelihood
+        self.latent_dim = latent_dim
+
+    def forward(self, x: torch.Tensor, idx=None, num_data=None) -> None:
+        pyro.module("decoder", self)
+        with data_plate(x, idx, num_data):
+            prior = dist.Normal(x.new_zeros(x.shape[0], self.latent_dim), 1.0).to_event(1)
+            z = pyro.sample("z", prior)
+            pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The likelihood's mean image for each z, ``(..., P)``: what pictures show."""
+        return self.likelihood.mean(self.decoder(z))
+
+
+def mlp_vae(
+    num_pixels: int,
+    latent_dim: int = 20,
+    hidden: Sequence[int] = (400,),
+    likelihood: str = "bernoulli",
+    activation: str = "relu",
+) -> VAE:
+    """An MLP decoder ``latent_dim -> hidden... -> k * num_pixels``."""
+    lik = make_likelihood(likelihood)
+    decoder = mlp([latent_dim, *hidden, lik.params_per_pixel * num_pixels], activation)
+    return VAE(decoder, lik, latent_dim)
+
+
+def conv_vae(image_shape, latent_dim: int = 20, likelihood: str = "bernoulli") -> VAE:
+    """A convolutional decoder for 28x28 images."""
+    lik = make_likelihood(likelihood)
+    return VAE(ConvDecoder(latent_dim, image_shape, lik.params_per_pixel), lik, latent_dim)

@@ -1,0 +1,222 @@
+"""The ``pvae`` command: ``pvae train``, ``pvae evaluate RUN``, ``pvae sample RUN``.
+
+Each subcommand is a ``(add_arguments, run)`` pair in :data:`COMMANDS`; ``run(args)`` returns an
+exit code. Flags left out take the defaults of :class:`~pvae.registry.RunConfig` and
+:class:`~pvae.train.FitConfig`.
+"""
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import plots
+from .data import BINARIZE, DATASETS
+from .inference import ELBOS, batched, elbo_terms
+from .registry import GUIDES, MODELS, RunConfig, build, load_data, load_run
+from .train import CONFIG_JSON, FitConfig, fit
+from .utils import resolve_device, write_json
+
+# flag -> (config, field); the flag's default is None so that a resumed run keeps its saved value
+RUN_FLAGS = {
+    "dataset": "dataset", "data_dir": "data_dir", "binarize": "binarize", "val_size": "val_size",
+    "model": "model", "guide": "guide", "likelihood": "likelihood", "latent_dim": "latent_dim",
+    "hidden": "hidden", "activation": "activation", "device": "device",
+}
+FIT_FLAGS = {
+    "epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "elbo": "elbo",
+    "particles": "num_particles", "beta": "beta", "kl_warmup": "kl_warmup_epochs", "seed": "seed",
+    "eval_every": "eval_every", "checkpoint_every": "checkpoint_every",
+}
+
+
+def _defaults(cls) -> dict:
+    return {f.name: (f.default if f.default is not dataclasses.MISSING else None) for f in dataclasses.fields(cls)}
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    run, fitd = _defaults(RunConfig), _defaults(FitConfig)
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", help=f"{', '.join(DATASETS)}, or a folder of MNIST-format IDX files (default: {run['dataset']}, embedded, no network)")
+    data.add_argument("--data-dir", help="folder holding the data set's files, or where to download them")
+    data.add_argument("--binarize", choices=BINARIZE, help=f"default: {run['binarize']} (fresh Bernoulli draws each epoch)")
+    data.add_argument("--val-size", type=int, help="training images held out for validation (default: 5000 for 28x28 sets, else 10%%)")
+    arch = p.add_argument_group("model and guide")
+    arch.add_argument("--model", choices=list(MODELS), help=f"decoder architecture (default: {run['model']}; conv takes 28x28 images)")
+    arch.add_argument("--guide", choices=list(GUIDES), help=f"variational family (default: {run['guide']})")
+    arch.add_argument("--likelihood", choices=["bernoulli", "continuous-bernoulli", "gaussian"], help=f"p(x|z) per pixel (default: {run['likelihood']})")
+    arch.add_argument("--latent-dim", type=int, help=f"size of z (default: {run['latent_dim']}; 2 adds latent-space and manifold pictures)")
+    arch.add_argument("--hidden", type=int, nargs="*", help=f"hidden widths of the MLPs (default: {' '.join(map(str, run['hidden']))})")
+    arch.add_argument("--activation", choices=["relu", "elu", "tanh", "softplus"], help=f"default: {run['activation']}")
+    opt = p.add_argument_group("fitting")
+    opt.add_argument("--epochs", type=int, help=f"default: {fitd['epochs']}; with --resume, the new total")
+    opt.add_argument("--batch-size", type=int, help=f"default: {fitd['batch_size']}")
+    opt.add_argument("--lr", type=float, help=f"Adam's learning rate (default: {fitd['lr']})")
+    opt.add_argument("--elbo", choices=list(ELBOS), help=f"trace: Trace_ELBO; analytic-kl: TraceMeanField_ELBO (default: {fitd['elbo']})")
+    opt.add_argument("--particles", type=int, help=f"samples of z per datapoint and step (default: {fitd['num_particles']})")
+    opt.add_argument("--beta", type=float, help=f"KL weight after warm-up; > 1 is a beta-VAE (default: {fitd['beta']})")
+    opt.add_argument("--kl-warmup", type=float, help="epochs over which the KL weight rises linearly from 0 (default: 0)")
+    opt.add_argument("--seed", type=int, help=f"default: {fitd['seed']}")
+    opt.add_argument("--eval-every", type=int, help="epochs between train/test ELBO evaluations; 0: never (default: 1)")
+    opt.add_argument("--checkpoint-every", type=int, help="epochs between checkpoints (default: 1)")
+    out = p.add_argument_group("output")
+    out.add_argument("--device", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ... (default: auto)")
+    out.add_argument("--out", help="run folder (default: runs/<dataset>-<time>)")
+    out.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    out.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
+    out.add_argument("--no-figures", action="store_true", help="write no PNGs")
+
+
+def config_from_args(args) -> RunConfig:
+    """A fresh run's config: the dataclass defaults, overridden by every flag given."""
+    cfg = RunConfig(**{f: getattr(args, a) for a, f in RUN_FLAGS.items() if getattr(args, a) is not None})
+    fit_kwargs = {f: getattr(args, a) for a, f in FIT_FLAGS.items() if getattr(args, a) is not None}
+    cfg.fit = FitConfig(**fit_kwargs, progress=not args.no_progress)
+    return cfg
+
+
+def run_train(args) -> int:
+    if args.resume:
+        if not args.out:
+            raise SystemExit("pvae train: --resume needs --out RUN, the run to continue")
+        given = [a for a in RUN_FLAGS if a != "device" and getattr(args, a) is not None]
+        given += [a for a in FIT_FLAGS if a != "epochs" and getattr(args, a) is not None]
+        if given:
+            raise SystemExit(f"pvae train: --resume keeps the run's own settings; drop --{', --'.join(a.replace('_', '-') for a in given)}")
+        saved = json.loads((Path(args.out) / CONFIG_JSON).read_text())
+        cfg = RunConfig.from_dict(saved["run"])
+        cfg.fit.progress = not args.no_progress
+        if args.epochs is not None:
+            cfg.fit.epochs = args.epochs
+        if args.device is not None:
+            cfg.device = args.device
+    else:
+        cfg = config_from_args(args)
+    out = Path(args.out or f"runs/{Path(cfg.dataset).name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    device = resolve_device(cfg.device)
+    data = load_data(cfg)
+    model, guide = build(cfg, data)
+    print(f"pvae train: {cfg.model} VAE ({cfg.likelihood}, z in R^{cfg.latent_dim}) with a {cfg.guide} guide "
+          f"on {data.name} ({data.train.shape[0]} train / {data.test.shape[0]} test), {device}, run folder {out}")
+    callbacks = []
+    if cfg.latent_dim == 2 and not args.no_figures and data.train_labels is not None:
+        callbacks.append(_latent_snapshots(out, data.to(device), cfg.fit.epochs))
+    result = fit(model, guide, data, cfg.fit, out_dir=out, resume=args.resume, device=device,
+                 run_config=cfg.to_dict(), callbacks=callbacks)
+    if not args.no_figures:
+        write_figures(out, model, guide, data.to(device), cfg, result.history, device)
+    final = result.final
+    summary = ", ".join(f"{k} {final[k]:.3f}" for k in ("test_elbo", "test_recon", "test_kl") if k in final)
+    print(f"pvae train: {result.steps} steps in {result.seconds:.1f}s of training; {summary}")
+    print(f"pvae train: wrote {', '.join(sorted(p.name for p in out.iterdir()))} in {out}")
+    return 0
+
+
+def _latent_snapshots(out: Path, data, epochs: int):
+    """The 2-D latent space of the test set as training goes on: epochs 1, 2, 4, 8, ... and the last."""
+
+    def snapshot(record, model, guide):
+        epoch = record["epoch"]
+        if epoch & (epoch - 1) == 0 or epoch == epochs:
+            plots.plot_latent(guide, data.test, data.test_labels, out / "latent-epochs" / f"epoch-{epoch:04d}.png",
+                              title=f"posterior means after epoch {epoch}")
+
+    return snapshot
+
+
+def write_figures(out: Path, model, guide, data, cfg: RunConfig, history, device) -> None:
+    if not hasattr(model, "decode"):
+        return
+    generator = torch.Generator().manual_seed(cfg.fit.seed)
+    plots.plot_samples(model, out / "samples.png", data.image_shape, device=device, generator=generator)
+    if hasattr(guide, "encode") and getattr(guide, "amortized", True):
+        plots.plot_reconstructions(model, guide, data.test, data.image_shape, out / "reconstructions.png")
+        plots.plot_latent(guide, data.test, data.test_labels, out / "latent.png")
+    if cfg.latent_dim == 2:
+        plots.plot_manifold(model, data.image_shape, out / "manifold.png", device=device)
+    plots.plot_curves({cfg.guide: history}, out / "curves.png")
+
+
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="a run folder written by pvae train")
+    p.add_argument("--split", choices=["train", "val", "test"], default="test")
+    p.add_argument("--particles", type=int, default=10, help="samples of z per datapoint for the ELBO (default: 10)")
+    p.add_argument("--max-datapoints", type=int, help="evaluate the first N datapoints only, for a quick look")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+
+
+def run_evaluate(args) -> int:
+    device = resolve_device(args.device)
+    run = load_run(args.run, device)
+    x, _ = run.data.split(args.split)
+    if args.max_datapoints is not None:
+        x = x[: args.max_datapoints]
+    if x.shape[0] == 0:
+        raise SystemExit(f"pvae evaluate: the {args.split} split of {run.data.name} is empty")
+    torch.manual_seed(args.seed)
+    terms = batched(lambda xb, ib: elbo_terms(run.model, run.guide, xb, ib, num_particles=args.particles),
+                    x, args.batch_size)
+    n = x.shape[0]
+    report = {"run": str(run.path), "split": args.split, "datapoints": n, "particles": args.particles}
+    for key, values in terms.items():
+        report[key] = values.mean().item()
+        report[f"{key}_se"] = (values.std() / n**0.5).item() if n > 1 else 0.0
+    for key in ("elbo", "recon", "kl"):
+        print(f"{key:>6}: {report[key]:10.3f} ± {report[key + '_se']:.3f} nats per datapoint")
+    write_json(run.path / f"evaluation-{args.split}.json", report)
+    print(f"pvae evaluate: wrote {run.path / f'evaluation-{args.split}.json'}")
+    return 0
+
+
+def add_sample_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="a run folder written by pvae train")
+    p.add_argument("-n", "--num", type=int, default=64, help="how many samples (default: 64)")
+    p.add_argument("--out", help="PNG to write (default: RUN/samples-<seed>.png)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+
+
+def run_sample(args) -> int:
+    if args.num < 1:
+        raise SystemExit(f"pvae sample: --num must be at least 1, got {args.num}")
+    device = resolve_device(args.device)
+    run = load_run(args.run, device)
+    out = Path(args.out or run.path / f"samples-{args.seed}.png")
+    generator = torch.Generator().manual_seed(args.seed)
+    plots.plot_samples(run.model, out, run.data.image_shape, n=args.num, device=device, generator=generator)
+    print(f"pvae sample: wrote {args.num} prior samples to {out}")
+    return 0
+
+
+COMMANDS = {
+    "train": (add_train_arguments, run_train, "fit a VAE by SVI and write metrics, a checkpoint and figures"),
+    "evaluate": (add_evaluate_arguments, run_evaluate, "test ELBO of a trained run, with its parts"),
+    "sample": (add_sample_arguments, run_sample, "a PNG grid of samples from a trained run's prior"),
+}
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pvae", description="Variational autoencoders as Pyro programs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (add_arguments, _, help_text) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv=None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command][1](args)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        print(f"pvae {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+import math
+
+import pyro.distributions as dist
+import torch
+from helpers import assert_close
+
+from pvae.guides import mlp_guide
+from pvae.inference import elbo_terms, iwae_bound, log_weights
+from pvae.models import LinearGaussian, mlp_vae
+
+
+def test_analytic_gaussian_kl_matches_monte_carlo():
+    """1/2 sum_d (mu^2 + sigma^2 - log sigma^2 - 1) against the mean of log q - log p over 200k draws."""
+    loc = torch.tensor([0.5, -1.0, 2.0])
+    scale = torch.tensor([0.3, 1.5, 0.8])
+    closed_form = 0.5 * (loc**2 + scale**2 - torch.log(scale**2) - 1).sum()
+    q, p = dist.Normal(loc, scale).to_event(1), dist.Normal(torch.zeros(3), 1.0).to_event(1)
+    assert_close(torch.distributions.kl_divergence(q, p), closed_form, atol=1e-5, msg="pyro's KL")
+    z = q.sample((200_000,))
+    mc = (q.log_prob(z) - p.log_prob(z))
+    # 5 standard errors: fails by chance about once in 3.5 million runs
+    assert_close(mc.mean(), closed_form, atol=5 * mc.std().item() / math.sqrt(len(mc)), msg="Monte Carlo KL")
+
+
+def test_analytic_kl_in_elbo_terms_matches_sampled_kl():
+    model, guide = mlp_vae(12, 3, (16,)), mlp_guide(12, 3, (16,))
+    x = torch.bernoulli(torch.full((20, 12), 0.3))
+    lw = log_weights(model, guide, x, num_particles=20_000)
+    sampled = (lw.log_q - lw.log_prior).mean(0)
+    se = (lw.log_q - lw.log_prior).std(0) / math.sqrt(20_000)
+    assert lw.kl is not None
+    assert ((sampled - lw.kl).abs() <= 5 * se).all()
+
+
+def test_iwae_with_one_sample_is_the_elbo_on_the_same_draws():
+    model = LinearGaussian(5, 2)
+    guide = mlp_guide(5, 2, ())
+    x = torch.randn(30, 5)
+    torch.manual_seed(1)
+    lw = log_weights(model, guide, x, num_particles=1).log_w[0]
+    torch.manual_seed(1)
+    assert_close(iwae_bound(model, guide, x, num_samples=1), lw, atol=1e-5)
+
+
+def test_elbo_never_exceeds_exact_log_px_of_the_linear_gaussian_model():
+    torch.manual_seed(2)
+    model = LinearGaussian(6, 2, sigma=0.7)
+    guide = mlp_guide(6, 2, ())
+    x = torch.randn(50, 6) * 2
+    exact = model.log_prob(x)
+    terms = elbo_terms(model, guide, x, num_particles=2000)
+    assert (terms["elbo"] <= exact + 1e-3).all()
+    assert_close(terms["elbo"], terms["recon"] - terms["kl"], atol=1e-4)
