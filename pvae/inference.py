@@ -101,6 +101,45 @@ class LogWeights:
         return self.log_likelihood + self.log_prior - self.log_q
 
 
+@dataclass
+class ParticleTraces:
+    """The guide's and the replayed model's traces under a vectorized plate of particles, with
+    log-densities computed, for the batch ``x``. ``particle_dim`` is the particles' (negative) batch
+    dimension."""
+
+    guide: poutine.Trace
+    model: poutine.Trace
+    particle_dim: int
+    x: torch.Tensor
+    num_particles: int
+
+    @property
+    def shape(self) -> tuple:
+        """``(K, B)``: particles by datapoints."""
+        return (self.num_particles, self.x.shape[0])
+
+
+def particle_traces(
+    model: Callable,
+    guide: Callable,
+    x: torch.Tensor,
+    idx=None,
+    num_data=None,
+    num_particles: int = 1,
+    plate_nesting: Optional[int] = None,
+) -> ParticleTraces:
+    """Trace ``guide`` under a vectorized plate of ``num_particles`` and replay ``model`` on its samples."""
+    if plate_nesting is None:
+        plate_nesting = max_plate_nesting(model, guide, x, idx, num_data)
+    outer = -(plate_nesting + 1)
+    with pyro.plate(PARTICLES, num_particles, dim=outer):
+        guide_trace = poutine.trace(guide).get_trace(x, idx, num_data)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, idx, num_data)
+    guide_trace.compute_log_prob()
+    model_trace.compute_log_prob()
+    return ParticleTraces(guide_trace, model_trace, outer, x, num_particles)
+
+
 def log_weights(
     model: Callable,
     guide: Callable,
@@ -114,15 +153,14 @@ def log_weights(
 
     Densities are unscaled: the data plate's subsampling scale and any :class:`KLWeight` do not enter.
     """
-    if plate_nesting is None:
-        plate_nesting = max_plate_nesting(model, guide, x, idx, num_data)
-    outer = -(plate_nesting + 1)
-    with pyro.plate(PARTICLES, num_particles, dim=outer):
-        guide_trace = poutine.trace(guide).get_trace(x, idx, num_data)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, idx, num_data)
-    guide_trace.compute_log_prob()
-    model_trace.compute_log_prob()
-    shape = (num_particles, x.shape[0])
+    traces = particle_traces(model, guide, x, idx, num_data, num_particles, plate_nesting)
+    return traces_log_weights(traces)
+
+
+def traces_log_weights(traces: ParticleTraces) -> LogWeights:
+    """The per-particle, per-datapoint log-densities of traces made by :func:`particle_traces`."""
+    guide_trace, model_trace, outer, shape = traces.guide, traces.model, traces.particle_dim, traces.shape
+    x = traces.x
 
     def per_datapoint(site):
         return _reduce_to_data(site["unscaled_log_prob"], site, outer, shape)
