@@ -1,5 +1,15 @@
 """Variational families q(z | x) as Pyro programs ``guide(x, idx=None, num_data=None)``."""
 
 from .amortized import AmortizedGuide, conv_guide, mlp_guide
+from .mean_field import MeanFieldGuide, gaussian_guide
+from .semi_amortized import SemiAmortizedGuide, refine
 
-__all__ = ["AmortizedGuide", "conv_guide", "mlp_guide"]
+__all__ = [
+    "AmortizedGuide",
+    "MeanFieldGuide",
+    "SemiAmortizedGuide",
+    "conv_guide",
+    "gaussian_guide",
+    "mlp_guide",
+    "refine",
+]

@@ -1,4 +1,4 @@
-"""The ``pvae`` command: ``pvae train``, ``pvae evaluate RUN``, ``pvae sample RUN``.
+"""The ``pvae`` command: ``pvae train``, ``pvae evaluate RUN``, ``pvae sample RUN``, ``pvae compare RUN``.
 
 Each subcommand is a ``(add_arguments, run)`` pair in :data:`COMMANDS`; ``run(args)`` returns an
 exit code. Flags left out take the defaults of :class:`~pvae.registry.RunConfig` and
@@ -16,21 +16,23 @@ import torch
 
 from . import plots
 from .data import BINARIZE, DATASETS
-from .inference import ELBOS, batched, elbo_terms
+from .inference import ELBOS
 from .registry import GUIDES, MODELS, RunConfig, build, load_data, load_run
 from .train import CONFIG_JSON, FitConfig, fit
-from .utils import resolve_device, write_json
+from .utils import resolve_device, set_seed
 
 # flag -> (config, field); the flag's default is None so that a resumed run keeps its saved value
 RUN_FLAGS = {
     "dataset": "dataset", "data_dir": "data_dir", "binarize": "binarize", "val_size": "val_size",
     "model": "model", "guide": "guide", "likelihood": "likelihood", "latent_dim": "latent_dim",
     "hidden": "hidden", "activation": "activation", "device": "device",
+    "refine_steps": "refine_steps", "refine_lr": "refine_lr",
 }
 FIT_FLAGS = {
     "epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "elbo": "elbo",
     "particles": "num_particles", "beta": "beta", "kl_warmup": "kl_warmup_epochs", "seed": "seed",
     "eval_every": "eval_every", "checkpoint_every": "checkpoint_every",
+    "local_lr": "local_lr",
 }
 
 
@@ -52,10 +54,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     arch.add_argument("--latent-dim", type=int, help=f"size of z (default: {run['latent_dim']}; 2 adds latent-space and manifold pictures)")
     arch.add_argument("--hidden", type=int, nargs="*", help=f"hidden widths of the MLPs (default: {' '.join(map(str, run['hidden']))})")
     arch.add_argument("--activation", choices=["relu", "elu", "tanh", "softplus"], help=f"default: {run['activation']}")
+    arch.add_argument("--refine-steps", type=int, help=f"semi-amortized guide: K, gradient steps refining the encoder's q per batch (default: {run['refine_steps']})")
+    arch.add_argument("--refine-lr", type=float, help=f"semi-amortized guide: the size of those steps (default: {run['refine_lr']})")
     opt = p.add_argument_group("fitting")
     opt.add_argument("--epochs", type=int, help=f"default: {fitd['epochs']}; with --resume, the new total")
     opt.add_argument("--batch-size", type=int, help=f"default: {fitd['batch_size']}")
     opt.add_argument("--lr", type=float, help=f"Adam's learning rate (default: {fitd['lr']})")
+    opt.add_argument("--local-lr", type=float, help=f"mean-field guide: SparseAdam's learning rate for the per-datapoint parameters, each row of which takes one step per epoch (default: {fitd['local_lr']})")
     opt.add_argument("--elbo", choices=list(ELBOS), help=f"trace: Trace_ELBO; analytic-kl: TraceMeanField_ELBO (default: {fitd['elbo']})")
     opt.add_argument("--particles", type=int, help=f"samples of z per datapoint and step (default: {fitd['num_particles']})")
     opt.add_argument("--beta", type=float, help=f"KL weight after warm-up; > 1 is a beta-VAE (default: {fitd['beta']})")
@@ -99,18 +104,21 @@ def run_train(args) -> int:
     out = Path(args.out or f"runs/{Path(cfg.dataset).name}-{time.strftime('%Y%m%d-%H%M%S')}")
     device = resolve_device(cfg.device)
     data = load_data(cfg)
+    set_seed(cfg.fit.seed)  # the initial weights; fit seeds the training itself
     model, guide = build(cfg, data)
     print(f"pvae train: {cfg.model} VAE ({cfg.likelihood}, z in R^{cfg.latent_dim}) with a {cfg.guide} guide "
           f"on {data.name} ({data.train.shape[0]} train / {data.test.shape[0]} test), {device}, run folder {out}")
     callbacks = []
-    if cfg.latent_dim == 2 and not args.no_figures and data.train_labels is not None:
+    has_encoder = hasattr(guide, "encode") and getattr(guide, "amortized", True)  # not mean-field
+    if cfg.latent_dim == 2 and not args.no_figures and data.train_labels is not None and has_encoder:
         callbacks.append(_latent_snapshots(out, data.to(device), cfg.fit.epochs))
     result = fit(model, guide, data, cfg.fit, out_dir=out, resume=args.resume, device=device,
                  run_config=cfg.to_dict(), callbacks=callbacks)
     if not args.no_figures:
         write_figures(out, model, guide, data.to(device), cfg, result.history, device)
     final = result.final
-    summary = ", ".join(f"{k} {final[k]:.3f}" for k in ("test_elbo", "test_recon", "test_kl") if k in final)
+    split = "test" if "test_elbo" in final else "train"  # a mean-field guide has no test ELBO
+    summary = ", ".join(f"{k} {final[k]:.3f}" for k in (f"{split}_elbo", f"{split}_recon", f"{split}_kl") if k in final)
     print(f"pvae train: {result.steps} steps in {result.seconds:.1f}s of training; {summary}")
     print(f"pvae train: wrote {', '.join(sorted(p.name for p in out.iterdir()))} in {out}")
     return 0
@@ -138,40 +146,62 @@ def write_figures(out: Path, model, guide, data, cfg: RunConfig, history, device
         plots.plot_latent(guide, data.test, data.test_labels, out / "latent.png")
     if cfg.latent_dim == 2:
         plots.plot_manifold(model, data.image_shape, out / "manifold.png", device=device)
-    plots.plot_curves({cfg.guide: history}, out / "curves.png")
+    # a mean-field guide has no test ELBO (no q for held-out data): its curve is the training rows'
+    key = "test_elbo" if any("test_elbo" in r for r in history) else "train_elbo"
+    plots.plot_curves({cfg.guide: history}, out / "curves.png", key=key)
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="a run folder written by pvae train")
     p.add_argument("--split", choices=["train", "val", "test"], default="test")
-    p.add_argument("--particles", type=int, default=10, help="samples of z per datapoint for the ELBO (default: 10)")
+    p.add_argument("--samples", type=int, default=1000,
+                   help="K, samples of z per datapoint for log p(x), the ELBO and PSIS (default: 1000; the literature: 5000)")
     p.add_argument("--max-datapoints", type=int, help="evaluate the first N datapoints only, for a quick look")
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--chunk-size", type=int, default=100, help="samples traced at once; bounds the memory (default: 100)")
+    p.add_argument("--batch-size", type=int, default=100, help="datapoints traced at once (default: 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run_evaluate(args) -> int:
+    from .evaluate import evaluate
+
+    if args.samples < 1:
+        raise SystemExit(f"pvae evaluate: --samples must be at least 1, got {args.samples}")
     device = resolve_device(args.device)
     run = load_run(args.run, device)
-    x, _ = run.data.split(args.split)
-    if args.max_datapoints is not None:
-        x = x[: args.max_datapoints]
-    if x.shape[0] == 0:
-        raise SystemExit(f"pvae evaluate: the {args.split} split of {run.data.name} is empty")
-    torch.manual_seed(args.seed)
-    terms = batched(lambda xb, ib: elbo_terms(run.model, run.guide, xb, ib, num_particles=args.particles),
-                    x, args.batch_size)
-    n = x.shape[0]
-    report = {"run": str(run.path), "split": args.split, "datapoints": n, "particles": args.particles}
-    for key, values in terms.items():
-        report[key] = values.mean().item()
-        report[f"{key}_se"] = (values.std() / n**0.5).item() if n > 1 else 0.0
-    for key in ("elbo", "recon", "kl"):
-        print(f"{key:>6}: {report[key]:10.3f} ± {report[key + '_se']:.3f} nats per datapoint")
-    write_json(run.path / f"evaluation-{args.split}.json", report)
-    print(f"pvae evaluate: wrote {run.path / f'evaluation-{args.split}.json'}")
+    if not getattr(run.guide, "amortized", True) and args.split != "train":
+        raise SystemExit(f"pvae evaluate: the {run.config.guide} guide has parameters for training rows only: "
+                         "use --split train")
+    num_data = run.data.split(args.split)[0].shape[0]
+    x = _datapoints("evaluate", run, args.split, args.max_datapoints, args.seed)
+    set_seed(args.seed)
+    print(f"pvae evaluate: {run.path}, {x.shape[0]} {args.split} datapoints of {run.data.name}, "
+          f"K = {args.samples} samples each, {device}")
+    info = {"run": str(run.path), "split": args.split, "seed": args.seed, "guide": run.config.guide}
+    result = evaluate(run.model, run.guide, x, num_data=num_data, num_samples=args.samples,
+                      chunk_size=args.chunk_size, batch_size=args.batch_size, progress=not args.no_progress,
+                      info=info)
+    print(result.to_markdown())
+    paths = result.save(run.path, f"evaluation-{args.split}")
+    print(f"pvae evaluate: wrote {' and '.join(str(p) for p in paths)}")
     return 0
+
+
+def _datapoints(command: str, run, split: str, max_datapoints, seed: int) -> torch.Tensor:
+    """The first ``max_datapoints`` of a run's split as its guide saw them in training: dynamically
+    binarized training images, which keep their grey levels, become one seeded binary draw."""
+    x, _ = run.data.split(split)
+    if max_datapoints is not None:
+        if max_datapoints < 1:
+            raise SystemExit(f"pvae {command}: --max-datapoints must be at least 1, got {max_datapoints}")
+        x = x[:max_datapoints]
+    if x.shape[0] == 0:
+        raise SystemExit(f"pvae {command}: the {split} split of {run.data.name} is empty")
+    if split == "train" and run.data.binarize == "dynamic":
+        x = torch.bernoulli(x, generator=torch.Generator(device=x.device).manual_seed(seed))
+    return x
 
 
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:
@@ -194,10 +224,77 @@ def run_sample(args) -> int:
     return 0
 
 
+def add_compare_arguments(p: argparse.ArgumentParser) -> None:
+    from .compare import CompareConfig
+
+    d = _defaults(CompareConfig)
+    p.add_argument("run", help="a run folder written by pvae train; its decoder stays fixed")
+    p.add_argument("--split", choices=["train", "val", "test"], default="test",
+                   help="the datapoints (default: test; Cremer et al. measured on train)")
+    p.add_argument("--max-datapoints", type=int, default=1000, help="the first N datapoints of the split (default: 1000)")
+    q = p.add_argument_group("q*, the best Gaussian per datapoint")
+    q.add_argument("--init", choices=["encoder", "prior"], default=d["init"], help=f"where q* starts (default: {d['init']}; prior without an encoder)")
+    q.add_argument("--particles", type=int, default=d["particles"], help=f"samples of z per datapoint and Adam step (default: {d['particles']})")
+    q.add_argument("--lr", type=float, default=d["lr"], help=f"Adam's first learning rate (default: {d['lr']})")
+    q.add_argument("--max-steps", type=int, default=d["max_steps"], help=f"Adam steps per batch at most (default: {d['max_steps']})")
+    q.add_argument("--window", type=int, default=d["window"], help=f"steps whose mean bound must beat the previous window's, else the lr is cut (default: {d['window']})")
+    q.add_argument("--lr-decays", type=int, default=d["lr_decays"], help=f"lr cuts by 10 before q* counts as converged (default: {d['lr_decays']})")
+    q.add_argument("--batch-size", type=int, default=d["batch_size"], help=f"datapoints optimized at once (default: {d['batch_size']})")
+    k = p.add_argument_group("q_K, the encoder's q refined by K gradient steps")
+    k.add_argument("--refine-steps", type=int, nargs="+", default=list(d["refine_steps"]), help=f"the values of K (default: {' '.join(map(str, d['refine_steps']))})")
+    k.add_argument("--refine-lr", type=float, help="their step size (default: the run's --refine-lr)")
+    e = p.add_argument_group("estimates")
+    e.add_argument("--elbo-particles", type=int, default=d["elbo_particles"], help=f"samples per datapoint of each ELBO (default: {d['elbo_particles']})")
+    e.add_argument("--iwae-samples", type=int, default=d["iwae_samples"], help=f"samples per datapoint of log p(x) (default: {d['iwae_samples']})")
+    e.add_argument("--chunk-size", type=int, default=d["chunk_size"], help=f"samples traced at once; bounds the memory (default: {d['chunk_size']})")
+    e.add_argument("--seed", type=int, default=d["seed"])
+    out = p.add_argument_group("output")
+    out.add_argument("--device", default="auto")
+    out.add_argument("--curves", nargs="+", metavar="RUN", default=[],
+                     help="other runs (e.g. the same decoder fitted with the other guides) whose training curves are drawn with RUN's in RUN/curves-compared.png")
+    out.add_argument("--no-figures", action="store_true", help="no bar chart or curves")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_compare(args) -> int:
+    from .compare import CompareConfig, compare_inference, encoder_of, plot_training_curves
+
+    device = resolve_device(args.device)
+    run = load_run(args.run, device)
+    config = CompareConfig(
+        batch_size=args.batch_size, init=args.init, particles=args.particles, lr=args.lr, max_steps=args.max_steps,
+        window=args.window, lr_decays=args.lr_decays, refine_steps=tuple(args.refine_steps),
+        refine_lr=args.refine_lr if args.refine_lr is not None else run.config.refine_lr,
+        elbo_particles=args.elbo_particles, iwae_samples=args.iwae_samples, chunk_size=args.chunk_size, seed=args.seed,
+    )
+    x = _datapoints("compare", run, args.split, args.max_datapoints, args.seed)
+    encoder = encoder_of(run.guide)
+    print(f"pvae compare: {run.path} ({run.config.guide} guide), {x.shape[0]} {args.split} datapoints of "
+          f"{run.data.name}, {device}" + ("" if encoder else "; no encoder: q* from the prior, no L[q] or L[q_K]"))
+    result = compare_inference(run.model, x, encoder, config, progress=not args.no_progress,
+                               settings={"run": str(run.path), "guide": run.config.guide, "split": args.split,
+                                         "data": run.data.name})
+    print(result.table())
+    paths = result.write(run.path, f"compare-{args.split}", figure=not args.no_figures)
+    if args.curves and not args.no_figures:
+        runs = {_run_label(r): r for r in [args.run, *args.curves]}
+        paths.append(plot_training_curves(runs, run.path / "curves-compared.png"))
+    print(f"pvae compare: wrote {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+def _run_label(run_dir) -> str:
+    """A run's guide and folder name, to label its training curve."""
+    saved = json.loads((Path(run_dir) / CONFIG_JSON).read_text())
+    return f"{saved['run']['guide']} ({Path(run_dir).name})"
+
+
 COMMANDS = {
     "train": (add_train_arguments, run_train, "fit a VAE by SVI and write metrics, a checkpoint and figures"),
-    "evaluate": (add_evaluate_arguments, run_evaluate, "test ELBO of a trained run, with its parts"),
+    "evaluate": (add_evaluate_arguments, run_evaluate, "importance-weighted log-likelihood, ELBO with its parts, PSIS and active units of a trained run"),
     "sample": (add_sample_arguments, run_sample, "a PNG grid of samples from a trained run's prior"),
+    "compare": (add_compare_arguments, run_compare,
+                "amortization and approximation gaps of a trained run (Cremer et al. 2018): L[q], L[q*], L[q_K], log p(x)"),
 }
 
 

@@ -25,6 +25,8 @@ class RunConfig:
     latent_dim: int = 2
     hidden: tuple = (400,)  # hidden layer widths of the MLP encoder and decoder
     activation: str = "relu"
+    refine_steps: int = 5  # semi-amortized guide: gradient steps refining the encoder's q per batch
+    refine_lr: float = 1e-2  # semi-amortized guide: the size of those steps
     device: str = "auto"  # "auto": CUDA when available, else CPU
     fit: FitConfig = field(default_factory=FitConfig)
 
@@ -38,6 +40,8 @@ class RunConfig:
             raise ValueError(f"unknown guide {self.guide!r}: choose one of {', '.join(GUIDES)}")
         if self.latent_dim < 1:
             raise ValueError(f"latent_dim must be at least 1, got {self.latent_dim}")
+        if self.refine_steps < 0 or not self.refine_lr > 0:
+            raise ValueError(f"refine_steps must be >= 0 and refine_lr > 0, got {self.refine_steps}, {self.refine_lr}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,8 +72,24 @@ def _amortized_guide(cfg: RunConfig, data: Dataset, model):
     return mlp_guide(data.num_pixels, cfg.latent_dim, cfg.hidden, cfg.activation)
 
 
+def _mean_field_guide(cfg: RunConfig, data: Dataset, model):
+    from pvae.guides import MeanFieldGuide
+
+    return MeanFieldGuide(data.train.shape[0], cfg.latent_dim)
+
+
+def _semi_amortized_guide(cfg: RunConfig, data: Dataset, model):
+    from pvae.guides import SemiAmortizedGuide
+
+    return SemiAmortizedGuide(_amortized_guide(cfg, data, model), model, cfg.refine_steps, cfg.refine_lr)
+
+
 MODELS = {"mlp": _mlp_model, "conv": _conv_model}
-GUIDES = {"amortized": _amortized_guide}
+GUIDES = {
+    "amortized": _amortized_guide,  # an encoder network q(z | x)
+    "mean-field": _mean_field_guide,  # free (loc, scale) per training datapoint: variational EM
+    "semi-amortized": _semi_amortized_guide,  # the encoder's q refined by refine_steps gradient steps
+}
 
 
 def load_data(cfg: RunConfig) -> Dataset:

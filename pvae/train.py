@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import pyro
 import torch
 from pyro import poutine
 from torch import nn
@@ -33,7 +34,10 @@ class FitConfig:
 
     epochs: int = 100  # passes over the training set
     batch_size: int = 128
-    lr: float = 1e-3  # Adam's learning rate (SparseAdam's for sparse per-datapoint parameters)
+    lr: float = 1e-3  # Adam's learning rate
+    # SparseAdam's learning rate for per-datapoint parameters (a mean-field guide's tables): each row
+    # takes one step per epoch, not one per batch, so it needs larger steps than the decoder's
+    local_lr: float = 3e-2
     elbo: str = "trace"  # "trace" (Trace_ELBO) or "analytic-kl" (TraceMeanField_ELBO)
     num_particles: int = 1  # samples of z per datapoint and step, vectorized
     beta: float = 1.0  # weight of the KL term once warmed up: 1 is the ELBO, > 1 a beta-VAE
@@ -44,6 +48,9 @@ class FitConfig:
     eval_batch_size: int = 1000
     checkpoint_every: int = 1  # epochs between checkpoints (with a run folder); the last always
     progress: bool = True  # a progress bar per epoch and a line per epoch
+    # Pyro's validation (argument, support, shape and NaN checks) in every training step too; off, only
+    # the first batch is checked (when validation is on, Pyro's default): the checks cost ~8% of a step
+    validate: bool = False
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "num_particles", "eval_batch_size"):
@@ -54,6 +61,8 @@ class FitConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if not self.local_lr > 0:
+            raise ValueError(f"local_lr must be positive, got {self.local_lr}")
         if not self.beta >= 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
         make_elbo(self.elbo)  # names the choices if this one is unknown
@@ -92,7 +101,10 @@ def fit(
         (:func:`pvae.plate.data_plate`); its parameters are its own if it is an ``nn.Module``, and
         any ``pyro.param`` it declares.
     :param guide: the matching program for q(z | x). A guide with an attribute ``amortized = False``
-        (per-datapoint parameters) is evaluated on training rows only.
+        (per-datapoint parameters) is evaluated on training rows only. A guide with a method
+        ``auxiliary_loss(elbo, x, idx, num_data)`` has the tensor it returns added to each step's
+        loss (not to the recorded ``train_loss``): the objective of parameters the ELBO does not
+        reach, such as a semi-amortized guide's encoder.
     :param data: a :class:`~pvae.data.Dataset`, or an ``(N, P)`` tensor of training data.
     :param out_dir: the run folder: ``config.json``, ``metrics.jsonl``, ``metrics.csv``,
         ``checkpoint.pt``; None keeps everything in memory.
@@ -103,7 +115,9 @@ def fit(
         (the command line stores its data and architecture choices here).
     :param callbacks: each called as ``callback(record, model, guide)`` after every epoch.
 
-    Seeds every random generator from ``config.seed`` and clears Pyro's param store first.
+    Seeds every random generator from ``config.seed`` and clears Pyro's param store first; the
+    initial weights are the programs' own, so seed (:func:`pvae.set_seed`) before building them for
+    a run that repeats exactly.
     """
     config = config or FitConfig()
     data = _as_dataset(data)
@@ -143,8 +157,11 @@ def fit(
     def loss_fn(xb, idx):
         return elbo.differentiable_loss(model_fn, guide_fn, xb, idx, num_data)
 
+    # one step's loss on the first batch, under Pyro's global validation: the check FitConfig.validate keeps
     params = _collect_params(model, guide, loss_fn, probe_x, probe_idx)
-    optimizers = _make_optimizers(model, guide, params, config.lr)
+    optimizers = _make_optimizers(model, guide, params, config.lr, config.local_lr)
+    # a guide may train parameters that the ELBO does not reach (a semi-amortized guide's encoder)
+    auxiliary_loss = getattr(guide, "auxiliary_loss", None)
 
     history, epoch0, step, seconds = [], 0, 0, 0.0
     if resume:
@@ -175,8 +192,12 @@ def fit(
             for idx, xb in bar:
                 if warmup_steps:
                     kl_weight.weight = config.beta * min(1.0, (step + 1) / warmup_steps)
-                loss = loss_fn(xb, idx)
-                loss.backward()
+                with pyro.validation_enabled(config.validate):
+                    loss = loss_fn(xb, idx)
+                    if auxiliary_loss is None:
+                        loss.backward()
+                    else:
+                        (loss + auxiliary_loss(elbo, xb, idx, num_data)).backward()
                 for opt in optimizers:
                     opt.step()
                     opt.zero_grad(set_to_none=True)
@@ -269,7 +290,7 @@ def _collect_params(model, guide, loss_fn, x, idx) -> list:
     return list(unique.values())
 
 
-def _make_optimizers(model, guide, params, lr) -> list:
+def _make_optimizers(model, guide, params, lr, local_lr=None) -> list:
     """Adam for dense parameters; SparseAdam for sparse embeddings (per-datapoint guides), whose
     steps touch only the rows of the batch and keep Adam moments per row."""
     sparse_ids = {
@@ -283,9 +304,11 @@ def _make_optimizers(model, guide, params, lr) -> list:
     sparse = [p for p in params if id(p) in sparse_ids]
     optimizers = []
     if dense:
-        optimizers.append(torch.optim.Adam(dense, lr=lr))
+        # fused: one kernel per step instead of a pass per Adam operation and parameter (~3x faster on CPU)
+        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in dense) or None
+        optimizers.append(torch.optim.Adam(dense, lr=lr, fused=fused))
     if sparse:
-        optimizers.append(torch.optim.SparseAdam(sparse, lr=lr))
+        optimizers.append(torch.optim.SparseAdam(sparse, lr=lr if local_lr is None else local_lr))
     return optimizers
 
 
@@ -313,7 +336,7 @@ def _load_state(state, model, guide, optimizers, generator) -> None:
 
 def _check_same_config(saved: dict, config: FitConfig) -> None:
     now = asdict(config)
-    differ = [k for k in now if k not in ("epochs", "progress") and saved.get(k) != now[k]]
+    differ = [k for k in now if k not in ("epochs", "progress", "validate") and saved.get(k) != now[k]]
     if differ:
         pairs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in differ)
         raise ValueError(f"cannot resume with a different fit config ({pairs}); only epochs may change")

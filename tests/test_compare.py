@@ -1,0 +1,170 @@
+"""The Cremer et al. study held to the linear-Gaussian model, whose posterior is exact:
+
+p(z | x) = N(mu(x), Lambda^-1), Lambda = I + W^T W / sigma^2. The best diagonal Gaussian has means
+mu(x) and variances 1 / Lambda_dd, so for every x
+
+    approximation gap = KL(q* || p(z|x)) = 1/2 (sum_d log Lambda_dd - log det Lambda),
+
+zero when W's columns are orthogonal (Lambda is diagonal), positive when they are not; and for any
+Gaussian encoder q(z|x) = N(m, diag s^2) the amortization gap is KL(q || p(z|x)) - KL(q* || p(z|x)),
+KL(q || p(z|x)) = 1/2 (tr(Lambda S) + (m - mu)^T Lambda (m - mu) - D - log det Lambda - sum log s^2).
+"""
+
+import json
+
+import pytest
+import torch
+from helpers import assert_close
+
+from pvae import cli
+from pvae.compare import CREMER_2018, CompareConfig, Comparison, Estimate, compare_inference, optimize_mean_field
+from pvae.guides import mlp_guide
+from pvae.guides.mean_field import inverse_softplus
+from pvae.models import LinearGaussian
+
+P, D, SIGMA = 6, 3, 0.5
+# the optimization stops on a plateau of a noisy bound: q* ends within about 1e-3 nats of its
+# optimum (measured: 3e-4), a bias the Monte Carlo standard errors do not include
+OPTIMIZATION_SLACK = 0.01
+
+
+def linear_gaussian(W: torch.Tensor, n: int):
+    model = LinearGaussian(P, D, sigma=SIGMA)
+    with torch.no_grad():
+        model.linear.weight.copy_(W)
+        model.linear.bias.zero_()
+        x = model.linear(torch.randn(n, D)) + SIGMA * torch.randn(n, P)
+    return model.eval(), x
+
+
+def orthogonal_W() -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(P, D))
+    return q * torch.tensor([2.0, 1.5, 1.0])  # orthogonal columns of different lengths
+
+
+def correlated_W() -> torch.Tensor:
+    return torch.randn(P, D) + 0.8  # a shared component makes the columns far from orthogonal
+
+
+def closed_form_approximation_gap(model) -> torch.Tensor:
+    _, precision = model.posterior(torch.zeros(1, P))
+    return 0.5 * (precision.diag().log().sum() - torch.logdet(precision))
+
+
+def linear_encoder(model, perturbation: float = 0.0):
+    """The linear encoder whose q(z|x) is the mean-field optimum (exact posterior means, variances
+    1 / Lambda_dd), with the weights of its means perturbed by Gaussian noise of the given size."""
+    guide = mlp_guide(P, D, ())
+    W, s2 = model.linear.weight, model.sigma**2
+    _, precision = model.posterior(torch.zeros(1, P))
+    with torch.no_grad():
+        layer = guide.encoder[0]
+        layer.weight[:D] = torch.linalg.solve(precision, W.T / s2)  # mu(x) = Lambda^-1 W^T x / sigma^2
+        layer.weight[D:] = 0.0
+        layer.bias[:D] = 0.0
+        layer.bias[D:] = inverse_softplus(precision.diag().rsqrt() - 1e-6)
+        layer.weight[:D] += perturbation * torch.randn(D, P)
+    return guide.eval()
+
+
+def closed_form_kl_to_posterior(model, encoder, x) -> torch.Tensor:
+    mean, precision = model.posterior(x)
+    loc, scale = encoder.encode(x)
+    diff = loc - mean
+    quad = torch.einsum("bi,ij,bj->b", diff, precision, diff)
+    trace = (precision.diag() * scale**2).sum(-1)
+    return 0.5 * (trace + quad - D - torch.logdet(precision) - (scale**2).log().sum(-1))
+
+
+FAST = dict(batch_size=30, particles=100, elbo_particles=2000, iwae_samples=2000, chunk_size=1000,
+            refine_steps=(1, 20), refine_lr=0.005)  # the lr: below 2 / (largest posterior precision)
+
+
+def test_q_star_reaches_the_exact_mean_field_optimum():
+    """From the prior, q*'s means reach the posterior means and its scales 1 / sqrt(Lambda_dd),
+    within 5% of each posterior standard deviation (measured errors: about 2%)."""
+    model, x = linear_gaussian(correlated_W(), 20)
+    mean, precision = model.posterior(x)
+    q_star, steps = optimize_mean_field(model, x, num_particles=100)
+    loc, scale = q_star.local_params(torch.arange(20))
+    optimal_scale = precision.diag().rsqrt().expand_as(scale)
+    assert steps < 3000, "the bound never stopped improving"
+    assert_close(loc, mean, atol=0.05 * optimal_scale.min().item(), msg="q* means")
+    assert_close(scale, optimal_scale, rtol=0.05, msg="q* scales")
+
+
+@pytest.mark.parametrize("make_W, gap_is_zero", [(orthogonal_W, True), (correlated_W, False)], ids=["orthogonal", "correlated"])
+def test_gaps_match_the_closed_form_on_the_linear_gaussian_model(make_W, gap_is_zero):
+    """Tolerances: 4 standard errors over datapoints (a chance failure about once in 16,000 runs per
+    check) plus the optimization slack above."""
+    model, x = linear_gaussian(make_W(), 30)
+    encoder = linear_encoder(model, perturbation=0.05)
+    expected_approximation = closed_form_approximation_gap(model)
+    kl_encoder = closed_form_kl_to_posterior(model, encoder, x)
+    result = compare_inference(model, x, encoder, CompareConfig(init="prior", **FAST))
+
+    if gap_is_zero:
+        assert_close(expected_approximation, 0.0, atol=1e-5, msg="orthogonal columns: Lambda is diagonal")
+    else:
+        assert expected_approximation > 0.05, "the correlated case should have a gap worth measuring"
+    gap = result.approximation_gap
+    assert_close(gap.mean, expected_approximation, atol=4 * gap.se + OPTIMIZATION_SLACK, msg="approximation gap")
+    # L[q*] against the exact evidence, which needs no importance sampling
+    exact_log_px = model.log_prob(x).mean()
+    # the Monte Carlo noise of L[q*] and log p(x) is what the gap's standard error measures
+    assert_close(result.elbo_q_star.mean, exact_log_px - expected_approximation,
+                 atol=4 * gap.se + OPTIMIZATION_SLACK, msg="L[q*]")
+    assert_close(result.log_px.mean, exact_log_px, atol=4 * gap.se + OPTIMIZATION_SLACK, msg="log p(x)")
+
+    amortization = result.amortization_gap
+    expected_amortization = (kl_encoder - expected_approximation).mean()
+    assert expected_amortization > 0.1, "the perturbed encoder should be measurably worse than q*"
+    assert amortization.mean >= -4 * amortization.se - OPTIMIZATION_SLACK, "negative amortization gap"
+    assert_close(amortization.mean, expected_amortization, atol=4 * amortization.se + OPTIMIZATION_SLACK,
+                 msg="amortization gap")
+    # refinement climbs from L[q] towards L[q*]
+    assert result.elbo_q.mean < result.elbo_q_k[1].mean < result.elbo_q_k[20].mean <= result.elbo_q_star.mean
+
+
+def test_comparison_round_trips_and_writes_its_table(tmp_path):
+    est = Estimate(-24.5, 0.25)
+    result = Comparison(datapoints=10, log_px=Estimate(-24.0, 0.2), elbo_q_star=Estimate(-24.2, 0.2),
+                        approximation_gap=Estimate(0.2, 0.01), elbo_q=est, amortization_gap=Estimate(0.3, 0.02),
+                        inference_gap=Estimate(0.5, 0.02), elbo_q_k={5: Estimate(-24.4, 0.2)},
+                        gap_q_k={5: Estimate(0.4, 0.02)}, settings={"split": "test"})
+    again = Comparison.from_dict(json.loads(result.to_json()))
+    assert again == result
+    table, markdown = result.table(), result.to_markdown()
+    for text in (table, markdown):
+        assert "-24.50 ± 0.25" in text and "L[q_K], K=5" in text
+        assert f"{CREMER_2018['approximation_gap']:.2f}" in text and f"{CREMER_2018['amortization_gap']:.2f}" in text
+    assert "pvae train" in markdown  # the command that reproduces Cremer et al.'s setting
+    paths = result.write(tmp_path, "compare-test")
+    assert [p.name for p in paths] == ["compare-test.json", "compare-test.md", "compare-test.png"]
+    assert json.loads(paths[0].read_text())["amortization_gap"] == {"mean": 0.3, "se": 0.02}
+
+
+def test_pvae_compare_on_trained_runs(tmp_path, capsys):
+    """End to end with tiny settings: an amortized run gets every row; a mean-field run, which has no
+    encoder, gets q* and log p(x) only."""
+    runs = {}
+    for guide in ("amortized", "mean-field"):
+        runs[guide] = tmp_path / guide
+        code = cli.main(["train", "--guide", guide, "--epochs", "1", "--hidden", "16", "--latent-dim", "2",
+                         "--out", str(runs[guide]), "--no-progress", "--no-figures"])
+        assert code == 0
+    tiny = ["--max-datapoints", "12", "--batch-size", "6", "--particles", "8", "--max-steps", "30", "--window", "5",
+            "--refine-steps", "1", "3", "--elbo-particles", "16", "--iwae-samples", "32", "--no-progress"]
+    assert cli.main(["compare", str(runs["amortized"]), *tiny, "--curves", str(runs["mean-field"])]) == 0
+    out = capsys.readouterr().out
+    assert "amortization gap" in out and "L[q_K], K=3" in out
+    saved = json.loads((runs["amortized"] / "compare-test.json").read_text())
+    assert saved["datapoints"] == 12 and set(saved["elbo_q_k"]) == {"1", "3"}
+    assert_close(saved["amortization_gap"]["mean"], saved["elbo_q_star"]["mean"] - saved["elbo_q"]["mean"], atol=1e-4)
+    for name in ("compare-test.md", "compare-test.png", "curves-compared.png"):
+        assert (runs["amortized"] / name).is_file()
+
+    assert cli.main(["compare", str(runs["mean-field"]), *tiny, "--split", "train", "--no-figures"]) == 0
+    saved = json.loads((runs["mean-field"] / "compare-train.json").read_text())
+    assert saved["elbo_q"] is None and saved["amortization_gap"] is None
+    assert saved["approximation_gap"]["mean"] > -1.0  # log p(x) >= L[q*] up to tiny-sample noise
