@@ -1,4 +1,8 @@
-"""Variational families q(z | x) as Pyro programs ``guide(x, idx=None, num_data=None)``."""
+"""Variational families q(z | x) as Pyro programs ``guide(x, idx=None, num_data=None)``.
+
+Like the models, they hold their parameters as ``nn.Module`` parameters and do not call
+``pyro.module`` on every step; :func:`pvae.fit` collects and optimizes them.
+"""
 
 from .amortized import AmortizedGuide, conv_guide, mlp_guide
 from .mean_field import MeanFieldGuide, gaussian_guide

@@ -35,7 +35,6 @@ class AmortizedGuide(nn.Module):
         return loc, F.softplus(raw_scale) + 1e-6
 
     def forward(self, x: torch.Tensor, idx=None, num_data=None) -> None:
-        pyro.module("encoder", self)
         with data_plate(x, idx, num_data):
             loc, scale = self.encode(x)
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))

@@ -85,7 +85,6 @@ class MeanFieldGuide(nn.Module):
                 "without idx: pass the rows' positions in the training set (the data plate's subsample); "
                 "it has no q(z|x) for data it was not fitted to"
             )
-        pyro.module("mean_field", self)
         with data_plate(x, idx, num_data) as rows:  # rows: the subsample, (B,)
             loc, scale = self.local_params(rows)
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))

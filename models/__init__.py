@@ -1,4 +1,10 @@
-"""Generative models p(z) p(x | z) as Pyro programs ``model(x, idx=None, num_data=None)``."""
+"""Generative models p(z) p(x | z) as Pyro programs ``model(x, idx=None, num_data=None)``.
+
+Their parameters are ``nn.Module`` parameters, trained as Pyro's ``elbo(model, guide)`` module idiom
+trains them (:func:`pvae.fit` collects them): the programs do not call ``pyro.module`` on every
+step. To train one with ``pyro.infer.SVI`` and a ``pyro.optim`` optimizer instead, call
+``pyro.module("decoder", model)`` in a program that wraps it.
+"""
 
 from .likelihoods import LIKELIHOODS, Bernoulli, ContinuousBernoulli, Gaussian, make_likelihood
 from .linear_gaussian import LinearGaussian

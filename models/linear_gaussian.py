@@ -42,7 +42,6 @@ class LinearGaussian(nn.Module):
         return self.log_sigma.exp()
 
     def forward(self, x: torch.Tensor, idx=None, num_data=None) -> None:
-        pyro.module("decoder", self)
         with data_plate(x, idx, num_data):
             z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], self.latent_dim), 1.0).to_event(1))
             pyro.sample("x", dist.Normal(self.linear(z), self.sigma).to_event(1), obs=x)

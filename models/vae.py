@@ -30,7 +30,6 @@ class VAE(nn.Module):
         self.latent_dim = latent_dim
 
     def forward(self, x: torch.Tensor, idx=None, num_data=None) -> None:
-        pyro.module("decoder", self)
         with data_plate(x, idx, num_data):
             prior = dist.Normal(x.new_zeros(x.shape[0], self.latent_dim), 1.0).to_event(1)
             z = pyro.sample("z", prior)

@@ -310,7 +310,7 @@ def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
     try:
         return COMMANDS[args.command][1](args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, FloatingPointError) as e:
         print(f"pvae {args.command}: error: {e}", file=sys.stderr)
         return 2
 

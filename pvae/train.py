@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .data import Dataset, batches
-from .inference import KLWeight, batched, elbo_terms, make_elbo, max_plate_nesting
+from .inference import KLWeight, batched, elbo_terms, make_elbo, max_plate_nesting, reparameterized
 from .metrics import MetricsWriter
 from .utils import rng_state, set_rng_state, set_seed, write_json
 
@@ -149,7 +149,9 @@ def fit(
 
     probe_x, probe_idx = eval_x[: config.batch_size], eval_idx[: config.batch_size]
     nesting = max_plate_nesting(model, guide, probe_x, probe_idx, num_data)
-    elbo = make_elbo(config.elbo, config.num_particles, max(nesting, 1))
+    # Pyro's own ELBO where the guide needs score-function terms; the same objective, leaner, where not
+    reparam = reparameterized(model, guide, probe_x, probe_idx, num_data)
+    elbo = make_elbo(config.elbo, config.num_particles, max(nesting, 1), reparameterized=reparam)
     kl_weight = KLWeight(config.beta)
     weighted = config.beta != 1.0 or config.kl_warmup_epochs > 0
     model_fn, guide_fn = (kl_weight(model), kl_weight(guide)) if weighted else (model, guide)
@@ -216,6 +218,12 @@ def fit(
                 # the training objective per datapoint (-ELBO at KL weight 1), averaged over the epoch
                 "train_loss": loss_sum.item() / (steps_per_epoch * num_data),
             }
+            if not math.isfinite(record["train_loss"]):
+                kept = f"; {checkpoint_path} keeps the last finite epoch" if checkpoint_path is not None else ""
+                raise FloatingPointError(
+                    f"the training loss became {record['train_loss']} in epoch {epoch}: lower the learning rate "
+                    f"(lr {config.lr}) or check the model's likelihood for values outside its support{kept}"
+                )
             if config.eval_every and (epoch % config.eval_every == 0 or epoch == config.epochs):
                 _set_training(False, model, guide)
                 terms = {"train": (eval_x, eval_idx), "test": (test_x, None)}
@@ -255,14 +263,22 @@ def fit(
 
 
 def _as_dataset(data) -> Dataset:
-    if isinstance(data, Dataset):
-        return data
     if torch.is_tensor(data):
         if data.dim() != 2:
             raise ValueError(f"training data must be (N, P), got shape {tuple(data.shape)}")
         empty = data[:0]
-        return Dataset("tensor", (data.shape[1],), data, empty, empty)
-    raise TypeError(f"data must be a pvae.data.Dataset or a tensor, not {type(data).__name__}")
+        data = Dataset("tensor", (data.shape[1],), data, empty, empty)
+    if not isinstance(data, Dataset):
+        raise TypeError(f"data must be a pvae.data.Dataset or a tensor, not {type(data).__name__}")
+    if data.train.shape[0] == 0:
+        raise ValueError(f"data set {data.name!r} has no training datapoints")
+    for split in ("train", "val", "test"):
+        x = getattr(data, split)
+        # a finite sum proves every value finite (NaN and inf propagate); only an overflowing sum
+        # needs the elementwise look, ten times slower
+        if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"the {split} split of {data.name!r} holds NaN or infinite values")
+    return data
 
 
 def _check_data_fits_likelihood(model, data: Dataset) -> None:

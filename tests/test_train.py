@@ -158,3 +158,18 @@ def test_cuda_device_is_refused_clearly_when_absent():
     with pytest.raises(ValueError, match="CUDA is not available"):
         pvae.resolve_device("cuda")
     assert pvae.resolve_device("auto") == torch.device("cpu")
+
+
+def test_a_diverging_fit_stops_with_a_clear_error_and_saves_no_nan_checkpoint(tmp_path):
+    x = torch.randn(200, 4)
+    config = pvae.FitConfig(epochs=2, lr=1e30, eval_every=0, **QUIET)
+    with pytest.raises(FloatingPointError, match="became nan in epoch 1: lower the learning rate"):
+        pvae.fit(LinearGaussian(4, 2), mlp_guide(4, 2, ()), x, config, out_dir=tmp_path)
+    assert not (tmp_path / CHECKPOINT).exists()
+
+
+def test_non_finite_data_are_refused():
+    x = torch.randn(20, 3)
+    x[4, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        pvae.fit(LinearGaussian(3, 1), mlp_guide(3, 1, ()), x, pvae.FitConfig(epochs=1, **QUIET))
