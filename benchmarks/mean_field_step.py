@@ -63,7 +63,7 @@ class Setup:
         self.generator = torch.Generator(device=device).manual_seed(0)
         self.device = device
         if sparse:
-            elbo = make_elbo("trace", 1, 1)
+            elbo = make_elbo("trace", 1, 1, reparameterized=True)  # as pvae.fit picks for this guide
             params = [*self.model.parameters(), *self.guide.parameters()]
             optimizers = _make_optimizers(self.model, self.guide, params, lr=1e-3, local_lr=3e-2)
 
@@ -76,7 +76,10 @@ class Setup:
 
             self.state = optimizers
         else:  # Pyro's defaults: SVI and pyro.optim.Adam, which wraps torch.optim.Adam per parameter
-            svi = pyro.infer.SVI(self.model, self.guide, pyro.optim.Adam({"lr": 1e-3}), pyro.infer.Trace_ELBO())
+            # pvae's programs hold nn.Module parameters; SVI finds parameters in the param store only,
+            # so register them there on every step, as Pyro's own examples do with pyro.module
+            model, guide = _registered("decoder", self.model), _registered("mean_field", self.guide)
+            svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), pyro.infer.Trace_ELBO())
 
             def step(xb, idx):
                 svi.step(xb, idx, n)
@@ -112,6 +115,14 @@ class Setup:
                         if torch.is_tensor(v) and v.dim():
                             total += v.numel() * v.element_size()
         return total
+
+
+def _registered(name: str, module):
+    def program(*args):
+        pyro.module(name, module)
+        return module(*args)
+
+    return program
 
 
 def _distinct(n: int, k: int, generator, device) -> torch.Tensor:

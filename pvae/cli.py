@@ -106,7 +106,7 @@ def run_train(args) -> int:
     data = load_data(cfg)
     set_seed(cfg.fit.seed)  # the initial weights; fit seeds the training itself
     model, guide = build(cfg, data)
-    print(f"pvae train: {cfg.model} VAE ({cfg.likelihood}, z in R^{cfg.latent_dim}) with a {cfg.guide} guide "
+    print(f"pvae train: {cfg.model} VAE ({cfg.likelihood}, z in R^{cfg.latent_dim}) with the {cfg.guide} guide "
           f"on {data.name} ({data.train.shape[0]} train / {data.test.shape[0]} test), {device}, run folder {out}")
     callbacks = []
     has_encoder = hasattr(guide, "encode") and getattr(guide, "amortized", True)  # not mean-field
