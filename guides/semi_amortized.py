@@ -36,6 +36,7 @@ from pyro import poutine
 from pyro.infer import TraceMeanField_ELBO
 from torch import nn
 
+from pvae.inference import ReparamELBO
 from pvae.plate import data_plate
 
 from .amortized import AmortizedGuide
@@ -70,7 +71,8 @@ def refine(
     loc, log_scale = loc.detach(), scale.detach().log()
     # one particle at a time, not vectorized: a vectorized particle plate here would collide with
     # the one the guide itself may be run under (training with particles, evaluation)
-    elbo = TraceMeanField_ELBO(num_particles=num_particles)
+    # one particle: the lean ELBO (no host synchronization per step); more: Pyro's loop over them
+    elbo = ReparamELBO(analytic_kl=True) if num_particles == 1 else TraceMeanField_ELBO(num_particles=num_particles)
     with torch.enable_grad(), poutine.block():
         for _ in range(steps):
             loc.requires_grad_(True)
@@ -80,9 +82,10 @@ def refine(
             grad_loc, grad_log_scale = torch.autograd.grad(loss, (loc, log_scale))
             loc = (loc - lr * grad_loc).detach()
             log_scale = (log_scale - lr * grad_log_scale).detach()
-            if not (torch.isfinite(loc).all() and torch.isfinite(log_scale).all()):
-                raise ValueError(f"the refinement diverged: its step size {lr} is too large for this model's "
-                                 "posterior curvature; take a smaller one")
+    # checked once: a step that diverges leaves inf or NaN behind, which every later step keeps
+    if not (torch.isfinite(loc).all() and torch.isfinite(log_scale).all()):
+        raise ValueError(f"the refinement diverged: its step size {lr} is too large for this model's "
+                         "posterior curvature; take a smaller one")
     return loc, log_scale.exp()
 
 

@@ -73,8 +73,16 @@ class KLWeight(Messenger):
             msg["scale"] = msg["scale"] * self.weight
 
 
-def max_plate_nesting(model: Callable, guide: Callable, *args) -> int:
-    """How many batch dimensions the plates of ``model`` and ``guide`` use, from one traced run."""
+@dataclass
+class Programs:
+    """What one traced run tells of a model/guide pair."""
+
+    plate_nesting: int  # batch dimensions their plates use
+    reparameterized: bool  # every latent site of the guide has rsample, and the model's are the guide's
+
+
+def inspect_programs(model: Callable, guide: Callable, *args) -> Programs:
+    """Trace ``guide`` and the model replayed on it once, without gradients or outer effects."""
     with torch.no_grad(), poutine.block():
         guide_trace = poutine.trace(guide).get_trace(*args)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args)
@@ -86,7 +94,30 @@ def max_plate_nesting(model: Callable, guide: Callable, *args) -> int:
         for frame in site["cond_indep_stack"]
         if frame.vectorized
     ]
-    return max(dims, default=0)
+
+    def latent(trace):
+        return {
+            name: site for name, site in trace.nodes.items()
+            if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+        }
+
+    q_sites, p_sites = latent(guide_trace), latent(model_trace)
+    reparam = q_sites.keys() == p_sites.keys() and all(
+        getattr(site["fn"], "has_rsample", False) and site["infer"].get("enumerate") is None
+        for site in q_sites.values()
+    )
+    return Programs(max(dims, default=0), reparam)
+
+
+def max_plate_nesting(model: Callable, guide: Callable, *args) -> int:
+    """How many batch dimensions the plates of ``model`` and ``guide`` use, from one traced run."""
+    return inspect_programs(model, guide, *args).plate_nesting
+
+
+def reparameterized(model: Callable, guide: Callable, *args) -> bool:
+    """Whether every latent site of ``guide`` is reparameterized and the model's latent sites are the
+    guide's: the programs :class:`ReparamELBO` serves."""
+    return inspect_programs(model, guide, *args).reparameterized
 
 
 @dataclass
@@ -330,23 +361,3 @@ class ReparamELBO:
 
 def _scaled_log_prob(site) -> torch.Tensor:
     return scale_and_mask(site["fn"].log_prob(site["value"]), site["scale"], site["mask"]).sum()
-
-
-def reparameterized(model: Callable, guide: Callable, *args) -> bool:
-    """Whether every latent site of ``guide`` is reparameterized and the model's latent sites are the
-    guide's: the programs :class:`ReparamELBO` serves."""
-    with torch.no_grad(), poutine.block():
-        guide_trace = poutine.trace(guide).get_trace(*args)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args)
-
-    def latent(trace):
-        return {
-            name: site for name, site in trace.nodes.items()
-            if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
-        }
-
-    q_sites, p_sites = latent(guide_trace), latent(model_trace)
-    return q_sites.keys() == p_sites.keys() and all(
-        getattr(site["fn"], "has_rsample", False) and site["infer"].get("enumerate") is None
-        for site in q_sites.values()
-    )

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .data import Dataset, batches
-from .inference import KLWeight, batched, elbo_terms, make_elbo, max_plate_nesting, reparameterized
+from .inference import KLWeight, batched, elbo_terms, inspect_programs, make_elbo
 from .metrics import MetricsWriter
 from .utils import rng_state, set_rng_state, set_seed, write_json
 
@@ -148,10 +148,10 @@ def fit(
         eval_x = torch.bernoulli(eval_x, generator=torch.Generator(device=device).manual_seed(config.seed + 1))
 
     probe_x, probe_idx = eval_x[: config.batch_size], eval_idx[: config.batch_size]
-    nesting = max_plate_nesting(model, guide, probe_x, probe_idx, num_data)
+    programs = inspect_programs(model, guide, probe_x, probe_idx, num_data)
+    nesting = programs.plate_nesting
     # Pyro's own ELBO where the guide needs score-function terms; the same objective, leaner, where not
-    reparam = reparameterized(model, guide, probe_x, probe_idx, num_data)
-    elbo = make_elbo(config.elbo, config.num_particles, max(nesting, 1), reparameterized=reparam)
+    elbo = make_elbo(config.elbo, config.num_particles, max(nesting, 1), reparameterized=programs.reparameterized)
     kl_weight = KLWeight(config.beta)
     weighted = config.beta != 1.0 or config.kl_warmup_epochs > 0
     model_fn, guide_fn = (kl_weight(model), kl_weight(guide)) if weighted else (model, guide)
