@@ -17,6 +17,9 @@ from pvae.models.networks import ConvEncoder, mlp
 from pvae.plate import data_plate
 
 
+SCALE_FLOOR = 1e-6  # added to every softplus scale: keeps it positive in float32
+
+
 class AmortizedGuide(nn.Module):
     """A diagonal-Gaussian q(z | x) whose ``loc`` and ``scale`` come from ``encoder(x)``.
 
@@ -32,7 +35,7 @@ class AmortizedGuide(nn.Module):
     def encode(self, x: torch.Tensor) -> tuple:
         """``(loc, scale)`` of q(z | x), each ``(..., latent_dim)``."""
         loc, raw_scale = self.encoder(x).chunk(2, dim=-1)
-        return loc, F.softplus(raw_scale) + 1e-6
+        return loc, F.softplus(raw_scale) + SCALE_FLOOR
 
     def forward(self, x: torch.Tensor, idx=None, num_data=None) -> None:
         with data_plate(x, idx, num_data):

@@ -32,7 +32,7 @@ from torch import nn
 
 from pvae.plate import data_plate
 
-SCALE_FLOOR = 1e-6  # as the amortized guide: keeps every scale positive in float32
+from .amortized import SCALE_FLOOR
 
 
 class MeanFieldGuide(nn.Module):

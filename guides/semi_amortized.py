@@ -29,15 +29,12 @@ References:
 
 from typing import Callable
 
-import pyro
-import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.infer import TraceMeanField_ELBO
 from torch import nn
 
 from pvae.inference import ReparamELBO
-from pvae.plate import data_plate
 
 from .amortized import AmortizedGuide
 from .mean_field import gaussian_guide
@@ -129,9 +126,7 @@ class SemiAmortizedGuide(nn.Module):
         return refine(self.model, x, loc, scale, steps, self.lr if lr is None else lr, self.num_particles)
 
     def forward(self, x: torch.Tensor, idx=None, num_data=None) -> None:
-        loc, scale = self.refine(x)
-        with data_plate(x, idx, num_data):
-            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+        gaussian_guide(*self.refine(x))(x, idx, num_data)
 
     def auxiliary_loss(self, elbo, x: torch.Tensor, idx=None, num_data=None) -> torch.Tensor:
         """The encoder's objective, which :func:`pvae.fit` adds to the loss of each step: its value is
