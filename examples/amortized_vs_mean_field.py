@@ -30,9 +30,12 @@ import argparse
 from pathlib import Path
 
 import pvae
-from pvae.compare import CompareConfig, compare_inference, encoder_of, plot_training_curves
+from pvae import plots
+from pvae.compare import CompareConfig, compare_inference
 from pvae.data import BINARIZE
 from pvae.registry import RunConfig, build, load_data
+from pvae.reports import comparison_table
+from pvae.run import write_comparison
 
 GUIDES = ("amortized", "mean-field", "semi-amortized")
 
@@ -83,16 +86,16 @@ def main(argv=None) -> dict:
                           run_config=cfg.to_dict())
         histories[guide_name] = result.history
         fitted[guide_name] = (model, guide, data.to(device), result.seconds)
-    curves = plot_training_curves(runs, args.out / "curves.png")
+    curves = plots.plot_curves(histories, args.out / "curves.png", key="train_elbo")
 
     model, guide, data, _ = fitted["amortized"]
-    x = data.test[: args.datapoints]
+    x = data.batch("test", slice(0, args.datapoints))
     quick = dict(particles=8, max_steps=50, window=10, elbo_particles=32, iwae_samples=64) if args.quick else {}
     config = CompareConfig(refine_steps=tuple(args.study_refine_steps), refine_lr=args.refine_lr, seed=args.seed,
                            **quick)
-    comparison = compare_inference(model, x, encoder_of(guide), config, progress=not args.quiet,
+    comparison = compare_inference(model, x, guide, config, progress=not args.quiet,
                                    settings={"run": str(runs["amortized"]), "split": "test", "data": data.name})
-    paths = comparison.write(args.out, "compare")
+    paths = write_comparison(args.out, comparison, "compare")
 
     print(f"{data.name}: {data.train.shape[0]} training images, latent size {args.latent_dim}, hidden "
           f"{args.hidden}, {args.epochs} epochs; the ELBO on training rows after training:")
@@ -100,8 +103,8 @@ def main(argv=None) -> dict:
         record, seconds = histories[name][-1], fitted[name][3]
         test = f", test ELBO {record['test_elbo']:9.3f}" if "test_elbo" in record else ""
         print(f"  {name:<15} train ELBO {record['train_elbo']:9.3f} nats{test}  ({seconds:.1f} s of training)")
-    print(f"\nInference gaps on {x.shape[0]} test images, the amortized run's decoder held fixed:")
-    print(comparison.table())
+    print(f"\nInference gaps on {len(x)} test images, the amortized run's decoder held fixed:")
+    print(comparison_table(comparison))
     print(f"\nwrote {curves}, {', '.join(str(p) for p in paths)} and the run folders {', '.join(str(r) for r in runs.values())}")
     return {"histories": histories, "comparison": comparison}
 

@@ -5,7 +5,7 @@
 
 The mixture's weights, means and scales are learned with the decoder (Dilokthanakul et al. 2016;
 Tomczak & Welling 2018 learn richer priors the same way). Nothing in pvae knows this model: it is a
-Pyro program ``model(x, idx, num_data)`` with its sites in the ``"data"`` plate, paired with the
+Pyro program ``model(x)`` with its datapoints in ``pyro.plate("data", ...)``, paired with the
 amortized Gaussian guide, and ``pvae.fit`` trains it by SVI. There is no closed-form KL between q
 and a mixture, so Trace_ELBO and the evaluation both use the Monte Carlo estimate of
 :math:`\\mathbb E_q[\\log q(z \\mid x) - \\log p(z)]`. The script fits it on scikit-learn's digits and
@@ -38,7 +38,6 @@ from pvae.data import BINARIZE
 from pvae.guides import mlp_guide
 from pvae.models import Bernoulli, mlp_vae
 from pvae.models.networks import mlp
-from pvae.plate import data_plate
 
 
 class MixturePriorVAE(nn.Module):
@@ -66,9 +65,9 @@ class MixturePriorVAE(nn.Module):
         components = dist.Normal(self.component_loc, F.softplus(self.component_raw_scale)).to_event(1)
         return dist.MixtureSameFamily(weights, components)
 
-    def forward(self, x: torch.Tensor, idx=None, num_data=None) -> None:
+    def forward(self, x: torch.Tensor) -> None:
         pyro.module("mixture_vae", self)
-        with data_plate(x, idx, num_data):
+        with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", self.prior().expand([x.shape[0]]))
             pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
 

@@ -1,19 +1,34 @@
-"""Variational families q(z | x) as Pyro programs ``guide(x, idx=None, num_data=None)``.
+"""Variational families q(z | x) built from a model's trace, for any number of latent sites.
 
-Like the models, they hold their parameters as ``nn.Module`` parameters and do not call
-``pyro.module`` on every step; :func:`pvae.fit` collects and optimizes them.
+- :class:`AmortizedGuide`: an encoder network from x (and side inputs) to every local site's q;
+- :class:`MeanFieldGuide`: free parameters per datapoint, sparse rows updated lazily;
+- :class:`SemiAmortizedGuide`: the encoder's q refined by K gradient steps per batch.
+
+Each gives the model's global sites (outside the ``"data"`` plate) a mean-field Normal in
+unconstrained space (:class:`~pvae.guides.sites.GlobalGuide`) and its discrete sites, unless the
+model enumerates them, a categorical q. ``mlp_guide``, ``conv_guide`` and ``mean_field_guide``
+build them for the built-in VAE's one Gaussian site without tracing a model.
 """
 
 from .amortized import AmortizedGuide, conv_guide, mlp_guide
-from .mean_field import MeanFieldGuide, gaussian_guide
-from .semi_amortized import SemiAmortizedGuide, refine
+from .mean_field import MeanFieldGuide, mean_field_guide
+from .semi_amortized import ParamsGuide, SemiAmortizedGuide, refine
+from .sites import SCALE_FLOOR, GlobalGuide, LatentSite, LocalFamily, gaussian_sites, inverse_softplus, model_sites
 
 __all__ = [
+    "SCALE_FLOOR",
     "AmortizedGuide",
+    "GlobalGuide",
+    "LatentSite",
+    "LocalFamily",
     "MeanFieldGuide",
+    "ParamsGuide",
     "SemiAmortizedGuide",
     "conv_guide",
-    "gaussian_guide",
+    "gaussian_sites",
+    "inverse_softplus",
+    "mean_field_guide",
     "mlp_guide",
+    "model_sites",
     "refine",
 ]

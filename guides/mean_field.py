@@ -1,20 +1,20 @@
-"""Mean-field inference: free variational parameters for every datapoint, no encoder.
+"""Mean-field inference: free variational parameters for every datapoint and every local site, no encoder.
 
-.. math:: q(z_n) = \\mathcal N\\big(z_n;\\ \\mu_n,\\ \\mathrm{diag}\\,\\sigma_n^2\\big), \\qquad
-    \\sigma_n = \\mathrm{softplus}(\\rho_n), \\qquad n = 1, \\dots, N
+.. math:: q(z_n) = \\prod_{\\text{sites } s} T_s\\Big(\\mathcal N\\big(\\mu_{n,s},\\ \\mathrm{diag}\\,\\sigma_{n,s}^2\\big)\\Big),
+    \\qquad \\sigma_{n,s} = \\mathrm{softplus}(\\rho_{n,s}), \\qquad n = 1, \\dots, N
 
-The ``(N, D)`` tables of :math:`\\mu` and :math:`\\rho` are sparse embeddings looked up by the rows
-of the batch, which the ``"data"`` plate carries as its subsample (:mod:`pvae.plate`). Their
-gradients are sparse, so :func:`pvae.fit` gives them ``torch.optim.SparseAdam``: a step reads and
+The parameters of all local sites of datapoint n are row n of one ``(N, size)`` table (see
+:class:`~pvae.guides.sites.LocalFamily`), a sparse embedding looked up by the batch's ``idx``. Its
+gradients are sparse, so :func:`pvae.fit` gives it ``torch.optim.SparseAdam``: a step reads and
 writes only the batch's rows and keeps Adam's moments per row, which do not decay while a row is not
 seen (the "lazy Adam" of TensorFlow's ``LazyAdamOptimizer``; the bias correction counts the table's
 steps, not the row's). A step costs the same whether the table has ten thousand or a million rows,
-and memory is the tables plus two moments each, :math:`O(ND)`.
+and memory is the table plus two moments, :math:`O(N \\cdot size)`.
 
-Fitting these local parameters together with the decoder is variational EM (Hoffman et al. 2013,
-stochastic variational inference with the local step replaced by gradient steps); at test time, a
-fresh table over held-out rows, optimized on a frozen decoder, gives the best Gaussian
-:math:`q^*` of Cremer et al. (2018), see :mod:`pvae.compare`.
+Fitting these local parameters together with the model is variational EM (Hoffman et al. 2013,
+stochastic variational inference with the local step replaced by gradient steps); on held-out data
+the same family, optimized per datapoint on a frozen model, is the best q* of Cremer et al. (2018),
+see :mod:`pvae.compare`.
 
 References:
 
@@ -22,91 +22,79 @@ References:
 2. Cremer, Li & Duvenaud, *Inference Suboptimality in Variational Autoencoders*, arXiv 1801.03558.
 """
 
-import math
+from typing import Optional
 
-import pyro
-import pyro.distributions as dist
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from pvae.plate import data_plate
+from pvae.programs import Batch, ProgramError
 
-from .amortized import SCALE_FLOOR
+from .sites import SCALE_FLOOR, SiteGuide, gaussian_sites
 
 
-class MeanFieldGuide(nn.Module):
-    """A diagonal Gaussian q(z_n) per datapoint, for a data set of ``num_data`` rows.
+class MeanFieldGuide(SiteGuide):
+    """q(z_n) with free parameters per datapoint of the split ``split``, for every local site of ``model``.
 
-    :param num_data: rows of the data set; the guide must be called with the same data set, rows
-        ``idx`` (the plate's subsample) or, with ``idx=None``, all of them in order.
-    :param latent_dim: size of z.
-    :param init_scale: every scale starts here and every mean at 0; 1 is the prior. Fitting with the
-        decoder, small scales let the decoder see the means from the first epochs; from the prior,
-        variational EM tends to leave z unused (the decoder learns the mean image first).
-    :param sparse: sparse gradients (``torch.optim.SparseAdam``, a step touches only the batch's
-        rows); ``False`` gives dense gradients, for a table optimized whole by a dense optimizer (as
-        :func:`pvae.compare.optimize_mean_field` does with a batch of held-out rows).
+    :param model: the Pyro model the guide is built from.
+    :param num_data: rows of the table, the split's N; by default the size of the first batch's split.
+    :param sites: the sites, instead of a model (see :func:`mean_field_guide`).
+    :param init_scale: every scale starts here and every mean at 0; 1 is a standard normal prior.
+        Fitting with the decoder, small scales let the decoder see the means from the first epochs; from
+        the prior, variational EM tends to leave z unused (the decoder learns the mean image first).
+    :param sparse: sparse gradients (``torch.optim.SparseAdam``, a step touches only the batch's rows).
+    :param split: the split whose rows the table holds: a batch of another split is refused, since its
+        ``idx`` would look up the wrong datapoints.
     """
 
-    amortized = False  # q has no encoder: it is defined on its own training rows only
-
-    def __init__(self, num_data: int, latent_dim: int, init_scale: float = 0.1, sparse: bool = True):
-        super().__init__()
-        if num_data < 1 or latent_dim < 1:
-            raise ValueError(f"num_data and latent_dim must be at least 1, got {num_data}, {latent_dim}")
+    def __init__(self, model=None, num_data: Optional[int] = None, *, sites=None, init_scale: float = 0.1,
+                 sparse: bool = True, split: str = "train"):
+        super().__init__(model, sites)
+        if num_data is not None and num_data < 1:
+            raise ValueError(f"num_data must be at least 1, got {num_data}")
         if not init_scale > SCALE_FLOOR:
             raise ValueError(f"init_scale must exceed {SCALE_FLOOR}, got {init_scale}")
-        self.num_data = num_data
-        self.latent_dim = latent_dim
-        self.loc = nn.Embedding(num_data, latent_dim, sparse=sparse)
-        self.raw_scale = nn.Embedding(num_data, latent_dim, sparse=sparse)
-        with torch.no_grad():
-            self.loc.weight.zero_()
-            self.raw_scale.weight.fill_(inverse_softplus(init_scale - SCALE_FLOOR))
+        self.num_data, self.init_scale, self.sparse, self.split = num_data, init_scale, sparse, split
+        self.table = None
+        if sites is not None and num_data is not None:
+            self._build(None)
+            self._ready = True
 
-    def local_params(self, idx: torch.Tensor) -> tuple:
-        """``(loc, scale)`` of the rows ``idx``, each ``(len(idx), latent_dim)``."""
-        return self.loc(idx), F.softplus(self.raw_scale(idx)) + SCALE_FLOOR
+    def _setup_local(self, batch: Batch) -> None:
+        if self.num_data is None:
+            self.num_data = batch.num_data
+        self._build(batch.x.device)
+
+    def _build(self, device) -> None:
+        self.table = nn.Embedding(self.num_data, self.family.size, sparse=self.sparse, device=device)
+        with torch.no_grad():
+            self.table.weight.copy_(self.family.init_raw(self.num_data, self.init_scale, device))
+
+    def local_params(self, batch: Batch) -> dict:
+        """The rows ``batch.idx`` of the table, as parameters of q."""
+        if not self._ready:
+            self.setup(batch)
+        if batch.split not in (None, self.split):
+            raise ProgramError(
+                f"this mean-field guide holds q for the {self.split} rows only and has none for the "
+                f"{batch.split} split: evaluate it on {self.split!r}, or fit q* there (pvae compare)"
+            )
+        if batch.num_data != self.num_data:
+            raise ProgramError(
+                f"this mean-field guide holds {self.num_data} datapoints but got rows of a split of "
+                f"{batch.num_data}: call it with the rows' positions in the data it was fitted to (idx)"
+            )
+        return self.family.unpack(self.table(batch.idx))
 
     @torch.no_grad()
-    def set_local_params(self, loc: torch.Tensor, scale: torch.Tensor, idx=None) -> None:
-        """Overwrite the rows ``idx`` (all rows when None) with ``loc`` and ``scale``."""
+    def set_local_params(self, params: dict, idx: Optional[torch.Tensor] = None) -> None:
+        """Overwrite the rows ``idx`` (all rows when None) with ``params`` (natural parameters)."""
         if idx is None:
-            idx = torch.arange(self.num_data, device=self.loc.weight.device)
-        self.loc.weight[idx] = loc.to(self.loc.weight)
-        raw = inverse_softplus((scale - SCALE_FLOOR).clamp(min=SCALE_FLOOR))
-        self.raw_scale.weight[idx] = raw.to(self.raw_scale.weight)
-
-    def forward(self, x: torch.Tensor, idx=None, num_data=None) -> None:
-        if idx is None and x.shape[0] != self.num_data:
-            raise ValueError(
-                f"this mean-field guide holds {self.num_data} datapoints but got a batch of {x.shape[0]} "
-                "without idx: pass the rows' positions in the training set (the data plate's subsample); "
-                "it has no q(z|x) for data it was not fitted to"
-            )
-        with data_plate(x, idx, num_data) as rows:  # rows: the subsample, (B,)
-            loc, scale = self.local_params(rows)
-            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+            idx = torch.arange(self.num_data, device=self.table.weight.device)
+        self.table.weight[idx] = self.family.pack(params).to(self.table.weight)
 
 
-def inverse_softplus(y):
-    """:math:`\\log(e^y - 1)`, the inverse of softplus, for ``y > 0`` (a float or a tensor)."""
-    if torch.is_tensor(y):
-        return y + torch.log(-torch.expm1(-y))
-    return y + math.log(-math.expm1(-y))
-
-
-def gaussian_guide(loc: torch.Tensor, scale: torch.Tensor):
-    """A guide program ``guide(x, idx=None, num_data=None)`` whose q(z_b) is N(loc_b, scale_b^2) for
-    the ``b``-th row of the batch: the given tensors ``(B, D)``, with whatever gradient they carry.
-    It is how refined or optimized local parameters (:mod:`pvae.guides.semi_amortized`,
-    :mod:`pvae.compare`) are evaluated by :mod:`pvae.inference`."""
-
-    def guide(x: torch.Tensor, idx=None, num_data=None) -> None:
-        if x.shape[0] != loc.shape[0]:
-            raise ValueError(f"these local parameters are for {loc.shape[0]} datapoints, not {x.shape[0]}")
-        with data_plate(x, idx, num_data):
-            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
-
-    return guide
+def mean_field_guide(num_data: int, latent_dim: int, init_scale: float = 0.1, sparse: bool = True,
+                     name: str = "z") -> MeanFieldGuide:
+    """The built-in VAE's mean-field guide: one Gaussian site ``name`` in R^latent_dim per datapoint."""
+    return MeanFieldGuide(num_data=num_data, sites=gaussian_sites(latent_dim, name), init_scale=init_scale,
+                          sparse=sparse)

@@ -1,20 +1,21 @@
 """Semi-amortized inference (Kim et al. 2018): the encoder proposes q, a few gradient steps refine it.
 
-For each batch the encoder gives :math:`\\lambda_0 = (\\mu_\\phi(x), \\log \\sigma_\\phi(x))`, and
-:math:`K` steps of gradient ascent on each datapoint's own ELBO, with the decoder held fixed,
+For each batch the encoder gives :math:`\\lambda_0`, the locs and log-scales of every continuous local
+site, and :math:`K` steps of gradient ascent on each datapoint's own ELBO, with the model held fixed,
 
 .. math:: \\lambda_{k+1} = \\lambda_k + \\eta\\, \\nabla_\\lambda \\mathcal L(x; \\theta, \\lambda_k),
 
-give :math:`q_K(z \\mid x) = \\mathcal N(\\mu_K, \\mathrm{diag}\\,\\sigma_K^2)`, the guide's
-distribution. The steps are on the mean and the log-scale (a step in log-scale is relative, so one
-step size suits wide and narrow posteriors alike); each uses ``num_particles`` reparameterized
-samples and the analytic KL where the model's prior has one (``TraceMeanField_ELBO``).
+give :math:`q_K(z \\mid x)`, the guide's distribution: all local sites are refined jointly. The steps
+are on the means and the log-scales (a step in log-scale is relative, so one step size suits wide and
+narrow posteriors alike); each uses ``num_particles`` reparameterized samples and the closed-form KL
+where it is exact. Discrete sites keep the encoder's logits; global sites are drawn from the
+encoder's global guide and held there during the steps.
 
 How the two networks learn (:func:`pvae.fit`):
 
-- the decoder takes its gradient from the ELBO of the refined :math:`q_K`, the guide's own
+- the model takes its gradient from the ELBO of the refined :math:`q_K`, the guide's own
   distribution; :math:`\\lambda_K` enters it as a constant;
-- the encoder is trained on its own ELBO :math:`\\mathcal L[q_0]`, with the decoder held fixed, through
+- the encoder is trained on its own ELBO :math:`\\mathcal L[q_0]`, with the model held fixed, through
   :meth:`SemiAmortizedGuide.auxiliary_loss`, which ``fit`` adds to the loss. Kim et al. instead
   backpropagate :math:`\\mathcal L[q_K]` through the K steps to the encoder, which needs
   Hessian-vector products (twice the cost per step, and their paper clips gradients to keep it
@@ -27,36 +28,48 @@ References:
 2. Cremer, Li & Duvenaud, *Inference Suboptimality in Variational Autoencoders*, arXiv 1801.03558.
 """
 
-from typing import Callable
+from typing import Optional
 
 import torch
 from pyro import poutine
-from pyro.infer import TraceMeanField_ELBO
 from torch import nn
 
-from pvae.inference import ReparamELBO
+from pvae.inference import lean_elbo
+from pvae.programs import Batch, Program, inspect_programs
 
 from .amortized import AmortizedGuide
-from .mean_field import gaussian_guide
+from .sites import LocalFamily
 
 
-def refine(
-    model: Callable,
-    x: torch.Tensor,
-    loc: torch.Tensor,
-    scale: torch.Tensor,
-    steps: int,
-    lr: float,
-    num_particles: int = 1,
-) -> tuple:
-    """``steps`` steps of gradient ascent with step size ``lr`` on each datapoint's ELBO
-    :math:`\\mathcal L(x_b; \\mu_b, \\log \\sigma_b)` under ``model``, whose parameters stay as they are.
-    Plain gradient steps climb for ``lr`` below 2 / (the bound's largest curvature, about the
-    largest posterior precision) and diverge above it, which raises a ``ValueError``.
+class ParamsGuide:
+    """The guide whose local sites are drawn from the given parameters, one row per datapoint of the
+    batch it is called with (see :class:`~pvae.guides.sites.LocalFamily`), and whose global sites, if
+    any, from ``globals_``: how refined or optimized local parameters are run by :mod:`pvae.inference`."""
 
-    :param x: the batch ``(B, P)``.
-    :param loc, scale: the starting q, ``(B, D)`` each (an encoder's output).
-    :returns: the refined ``(loc, scale)``, detached.
+    def __init__(self, family: LocalFamily, params: dict, globals_: Optional[nn.Module] = None):
+        self.family, self.params, self.globals_ = family, params, globals_
+
+    def call_batch(self, batch: Batch):
+        rows = next(iter(next(iter(self.params.values())).values())).shape[0] if self.params else len(batch)
+        if rows != len(batch):
+            raise ValueError(f"these local parameters are for {rows} datapoints, not {len(batch)}")
+        values = self.globals_() if self.globals_ is not None else {}
+        values.update(self.family.sample(self.params, batch))
+        return values
+
+
+def refine(model, batch, params: dict, family: LocalFamily, steps: int, lr: float, num_particles: int = 1,
+           globals_: Optional[nn.Module] = None, elbo=None) -> dict:
+    """``steps`` steps of gradient ascent with step size ``lr`` on each datapoint's ELBO under ``model``,
+    whose parameters stay as they are, in the locs and log-scales of every continuous local site.
+    Plain gradient steps climb for ``lr`` below 2 / (the bound's largest curvature, about the largest
+    posterior precision) and diverge above it, which raises a ``ValueError``.
+
+    :param batch: the datapoints (a :class:`~pvae.programs.Batch` or a tensor).
+    :param params: where to start (an encoder's :meth:`local_params`); detached here.
+    :param elbo: the objective of one particle (default: from one traced run, see
+        :func:`pvae.inference.lean_elbo`).
+    :returns: the refined parameters, detached.
 
     Runs in its own Pyro context (``poutine.block``), so that it can be called from inside a guide
     that is being traced, and with gradients on, so that it can be called under ``torch.no_grad``.
@@ -65,43 +78,47 @@ def refine(
         raise ValueError(f"steps must be >= 0, got {steps}")
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr}")
-    loc, log_scale = loc.detach(), scale.detach().log()
-    # one particle at a time, not vectorized: a vectorized particle plate here would collide with
-    # the one the guide itself may be run under (training with particles, evaluation)
-    # one particle: the lean ELBO (no host synchronization per step); more: Pyro's loop over them
-    elbo = ReparamELBO(analytic_kl=True) if num_particles == 1 else TraceMeanField_ELBO(num_particles=num_particles)
+    batch = Batch.of(batch)
+    # each datapoint's own ELBO, unscaled: the gradient in its parameters is its own
+    batch = Batch.of(batch.x, inputs=batch.inputs, split=batch.split)
+    names = [s.name for s in family.continuous]
+    loc = {n: params[n]["loc"].detach() for n in names}
+    log_scale = {n: params[n]["scale"].detach().log() for n in names}
+    fixed = {n: {k: v.detach() for k, v in p.items()} for n, p in params.items() if n not in names}
+    model = Program(model)
     with torch.enable_grad(), poutine.block():
+        if elbo is None and steps:
+            start = {**fixed, **{n: {"loc": loc[n], "scale": log_scale[n].exp()} for n in names}}
+            elbo = lean_elbo(inspect_programs(model, ParamsGuide(family, start, globals_), batch), 1)
         for _ in range(steps):
-            loc.requires_grad_(True)
-            log_scale.requires_grad_(True)
-            # the unscaled sum over the batch: its gradient in (loc_b, log_scale_b) is datapoint b's own
-            loss = elbo.differentiable_loss(model, gaussian_guide(loc, log_scale.exp()), x)
-            grad_loc, grad_log_scale = torch.autograd.grad(loss, (loc, log_scale))
-            loc = (loc - lr * grad_loc).detach()
-            log_scale = (log_scale - lr * grad_log_scale).detach()
+            leaves = [t.requires_grad_(True) for n in names for t in (loc[n], log_scale[n])]
+            current = {**fixed, **{n: {"loc": loc[n], "scale": log_scale[n].exp()} for n in names}}
+            # one particle at a time, not vectorized: a particle plate here would collide with the one the
+            # guide itself may be run under (training with particles, evaluation)
+            loss = sum(elbo.differentiable_loss(model, Program(ParamsGuide(family, current, globals_), "guide"), batch)
+                       for _ in range(num_particles)) / num_particles
+            grads = iter(torch.autograd.grad(loss, leaves))
+            for n in names:
+                loc[n] = (loc[n] - lr * next(grads)).detach()
+                log_scale[n] = (log_scale[n] - lr * next(grads)).detach()
     # checked once: a step that diverges leaves inf or NaN behind, which every later step keeps
-    if not (torch.isfinite(loc).all() and torch.isfinite(log_scale).all()):
+    if not all(torch.isfinite(t).all() for n in names for t in (loc[n], log_scale[n])):
         raise ValueError(f"the refinement diverged: its step size {lr} is too large for this model's "
                          "posterior curvature; take a smaller one")
-    return loc, log_scale.exp()
+    return {**fixed, **{n: {"loc": loc[n], "scale": log_scale[n].exp()} for n in names}}
 
 
 class SemiAmortizedGuide(nn.Module):
     """q_K(z | x): an amortized guide's q refined by ``steps`` gradient steps on each datapoint.
 
-    :param encoder: the amortized guide whose q(z | x) starts the refinement, an
-        :class:`~pvae.guides.AmortizedGuide`.
-    :param model: the generative model whose ELBO the steps climb. It is held by reference, not as a
-        submodule: its weights belong to the model (saved, moved and optimized with it).
+    :param encoder: the :class:`~pvae.guides.AmortizedGuide` whose q(z | x) starts the refinement.
+    :param model: the model whose ELBO the steps climb, held by reference: its weights are its own.
     :param steps: K, refinement steps per batch; 0 makes this the amortized guide.
     :param lr: the steps' size.
     :param num_particles: samples of z per datapoint and refinement step.
     """
 
-    amortized = True  # it has a q(z | x) for any x, held-out data included
-
-    def __init__(self, encoder: AmortizedGuide, model: Callable, steps: int = 5, lr: float = 1e-2,
-                 num_particles: int = 1):
+    def __init__(self, encoder: AmortizedGuide, model, steps: int = 5, lr: float = 1e-2, num_particles: int = 1):
         super().__init__()
         if steps < 0 or num_particles < 1:
             raise ValueError(f"steps must be >= 0 and num_particles >= 1, got {steps}, {num_particles}")
@@ -109,35 +126,53 @@ class SemiAmortizedGuide(nn.Module):
             raise ValueError(f"lr must be positive, got {lr}")
         self.encoder = encoder
         object.__setattr__(self, "model", model)  # bypasses nn.Module's registration of submodules
-        self.latent_dim = encoder.latent_dim
-        self.steps = steps
-        self.lr = lr
-        self.num_particles = num_particles
+        self.steps, self.lr, self.num_particles = steps, lr, num_particles
+        self._elbo = None
 
-    def encode(self, x: torch.Tensor) -> tuple:
-        """The encoder's ``(loc, scale)``, before refinement (what plots of the latent space show)."""
-        return self.encoder.encode(x)
+    @property
+    def family(self) -> LocalFamily:
+        return self.encoder.family
 
-    def refine(self, x: torch.Tensor, steps=None, lr=None) -> tuple:
-        """The refined ``(loc, scale)`` of q_K(z | x), each ``(B, D)``, detached."""
+    def local_params(self, batch: Batch) -> dict:
+        """The encoder's parameters, before refinement (what the gap study starts q_K from)."""
+        return self.encoder.local_params(Batch.of(batch))
+
+    def refined_params(self, batch, steps: Optional[int] = None, lr: Optional[float] = None) -> dict:
+        """The parameters of q_K(z | x) for the rows of ``batch``, detached."""
+        batch = Batch.of(batch)
         with torch.no_grad():
-            loc, scale = self.encoder.encode(x)
+            start = self.encoder.local_params(batch)
         steps = self.steps if steps is None else steps
-        return refine(self.model, x, loc, scale, steps, self.lr if lr is None else lr, self.num_particles)
+        if self._elbo is None and steps:
+            unscaled = Batch.of(batch.x, inputs=batch.inputs, split=batch.split)
+            with torch.enable_grad(), poutine.block():
+                info = inspect_programs(self.model, ParamsGuide(self.family, start, self.encoder.globals_), unscaled)
+            self._elbo = lean_elbo(info, 1)
+        return refine(self.model, batch, start, self.family, steps, self.lr if lr is None else lr,
+                      self.num_particles, self.encoder.globals_, self._elbo)
 
-    def forward(self, x: torch.Tensor, idx=None, num_data=None) -> None:
-        gaussian_guide(*self.refine(x))(x, idx, num_data)
+    def call_batch(self, batch: Batch):
+        params = self.refined_params(batch)  # sets the encoder up at the first call
+        return ParamsGuide(self.family, params, self.encoder.globals_).call_batch(batch)
 
-    def auxiliary_loss(self, elbo, x: torch.Tensor, idx=None, num_data=None) -> torch.Tensor:
+    def forward(self, *args, **kwargs):
+        from .sites import batch_from_call
+
+        return self.call_batch(batch_from_call(self.model, args, kwargs))
+
+    def global_means(self) -> dict:
+        return self.encoder.global_means()
+
+    def auxiliary_loss(self, elbo, model, batch: Batch) -> torch.Tensor:
         """The encoder's objective, which :func:`pvae.fit` adds to the loss of each step: its value is
         :math:`-\\mathcal L[q_0]` (scaled to the data set as the training loss), and its gradient reaches
-        the encoder only, never the decoder.
+        the encoder's network only, never the model (nor the global guide, which the main loss trains).
 
-        :param elbo: the fit's Pyro ELBO, so that the encoder's bound is estimated the same way.
+        :param elbo: the fit's objective, so that the encoder's bound is estimated the same way.
         """
-        loss = elbo.differentiable_loss(self.model, self.encoder, x, idx, num_data)
-        params = [p for p in self.encoder.parameters() if p.requires_grad]
+        loss = elbo.differentiable_loss(model, Program(self.encoder, "guide"), batch)
+        params = [p for m in (self.encoder.body, self.encoder.head) for p in m.parameters() if p.requires_grad]
         grads = torch.autograd.grad(loss, params)
-        # zero-valued, with gradient exactly d(loss)/d(encoder) and nothing towards the decoder
+        # zero-valued, with gradient exactly d(loss)/d(encoder) and nothing towards the model
         surrogate = sum((p * g).sum() for p, g in zip(params, grads))
         return loss.detach() + surrogate - surrogate.detach()

@@ -1,4 +1,5 @@
-"""Generative models p(z) p(x | z) as Pyro programs ``model(x, idx=None, num_data=None)``.
+"""Generative models p(z) p(x | z) as Pyro programs ``model(x)``, written as Pyro's tutorials write
+them: the datapoints in ``pyro.plate("data", x.shape[0])``, which pvae scales to the data set.
 
 Their parameters are ``nn.Module`` parameters, trained as Pyro's ``elbo(model, guide)`` module idiom
 trains them (:func:`pvae.fit` collects them): the programs do not call ``pyro.module`` on every
@@ -7,7 +8,7 @@ step. To train one with ``pyro.infer.SVI`` and a ``pyro.optim`` optimizer instea
 """
 
 from .likelihoods import LIKELIHOODS, Bernoulli, ContinuousBernoulli, Gaussian, make_likelihood
-from .linear_gaussian import LinearGaussian
+from .linear_gaussian import LinearGaussian, LinearGaussianHierarchy
 from .vae import VAE, conv_vae, mlp_vae
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "ContinuousBernoulli",
     "Gaussian",
     "LinearGaussian",
+    "LinearGaussianHierarchy",
     "VAE",
     "conv_vae",
     "make_likelihood",

@@ -50,9 +50,10 @@ class ConvDecoder(nn.Module):
 
 
 class ConvEncoder(nn.Module):
-    """x (..., C * 28 * 28) -> (..., out): two stride-2 convs, then a linear layer."""
+    """x (..., C * 28 * 28) -> (..., 64 * 7 * 7) features: two stride-2 convs (an encoder's body; the
+    guide adds the linear head sized to the model's latent sites)."""
 
-    def __init__(self, image_shape, out_dim: int):
+    def __init__(self, image_shape):
         super().__init__()
         check_conv_shape(image_shape)
         self.image_shape = tuple(image_shape)
@@ -63,9 +64,7 @@ class ConvEncoder(nn.Module):
             nn.ReLU(),
             nn.Flatten(),
         )
-        self.fc = nn.Linear(64 * 7 * 7, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch_shape = x.shape[:-1]
-        h = self.conv(x.reshape(-1, *self.image_shape))
-        return self.fc(h).reshape(*batch_shape, -1)
+        return self.conv(x.reshape(-1, *self.image_shape)).reshape(*batch_shape, -1)

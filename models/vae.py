@@ -10,8 +10,6 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pvae.plate import data_plate
-
 from .likelihoods import make_likelihood
 from .networks import ConvDecoder, mlp
 
@@ -29,8 +27,8 @@ class VAE(nn.Module):
         self.likelihood = likelihood
         self.latent_dim = latent_dim
 
-    def forward(self, x: torch.Tensor, idx=None, num_data=None) -> None:
-        with data_plate(x, idx, num_data):
+    def forward(self, x: torch.Tensor) -> None:
+        with pyro.plate("data", x.shape[0]):
             prior = dist.Normal(x.new_zeros(x.shape[0], self.latent_dim), 1.0).to_event(1)
             z = pyro.sample("z", prior)
             pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)

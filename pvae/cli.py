@@ -7,7 +7,6 @@ exit code. Flags left out take the defaults of :class:`~pvae.registry.RunConfig`
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -17,13 +16,16 @@ import torch
 from . import plots
 from .data import BINARIZE, DATASETS
 from .inference import ELBOS
-from .registry import GUIDES, MODELS, RunConfig, build, load_data, load_run
-from .train import CONFIG_JSON, FitConfig, fit
+from .programs import ProgramError
+from .protocols import has_q_for
+from .registry import GUIDES, MODELS, RunConfig, build, load_data
+from .run import CONFIG_JSON, load_run, read_config, write_comparison, write_evaluation
+from .train import FitConfig, fit
 from .utils import resolve_device, set_seed
 
 # flag -> (config, field); the flag's default is None so that a resumed run keeps its saved value
 RUN_FLAGS = {
-    "dataset": "dataset", "data_dir": "data_dir", "binarize": "binarize", "val_size": "val_size",
+    "dataset": "dataset", "data_dir": "data_dir", "binarize": "binarize", "val_size": "val_size", "labels_as": "labels_as",
     "model": "model", "guide": "guide", "likelihood": "likelihood", "latent_dim": "latent_dim",
     "hidden": "hidden", "activation": "activation", "device": "device",
     "refine_steps": "refine_steps", "refine_lr": "refine_lr",
@@ -47,9 +49,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     data.add_argument("--data-dir", help="folder holding the data set's files, or where to download them")
     data.add_argument("--binarize", choices=BINARIZE, help=f"default: {run['binarize']} (fresh Bernoulli draws each epoch)")
     data.add_argument("--val-size", type=int, help="training images held out for validation (default: 5000 for 28x28 sets, else 10%%)")
+    data.add_argument("--labels-as", metavar="NAME", help="also pass the labels to the programs as the side input NAME (a conditional model's y; default: none)")
     arch = p.add_argument_group("model and guide")
-    arch.add_argument("--model", choices=list(MODELS), help=f"decoder architecture (default: {run['model']}; conv takes 28x28 images)")
-    arch.add_argument("--guide", choices=list(GUIDES), help=f"variational family (default: {run['guide']})")
+    arch.add_argument("--model", metavar="NAME", help=f"{', '.join(MODELS)}, or your own factory 'module:function' / 'file.py:function' returning a Pyro model or (model, guide) for the data (default: {run['model']}; conv takes 28x28 images)")
+    arch.add_argument("--guide", choices=list(GUIDES), help=f"variational family, built from the model's latent sites (default: {run['guide']}; a factory's own guide when it returns one)")
     arch.add_argument("--likelihood", choices=["bernoulli", "continuous-bernoulli", "gaussian"], help=f"p(x|z) per pixel (default: {run['likelihood']})")
     arch.add_argument("--latent-dim", type=int, help=f"size of z (default: {run['latent_dim']}; 2 adds latent-space and manifold pictures)")
     arch.add_argument("--hidden", type=int, nargs="*", help=f"hidden widths of the MLPs (default: {' '.join(map(str, run['hidden']))})")
@@ -61,7 +64,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     opt.add_argument("--batch-size", type=int, help=f"default: {fitd['batch_size']}")
     opt.add_argument("--lr", type=float, help=f"Adam's learning rate (default: {fitd['lr']})")
     opt.add_argument("--local-lr", type=float, help=f"mean-field guide: SparseAdam's learning rate for the per-datapoint parameters, each row of which takes one step per epoch (default: {fitd['local_lr']})")
-    opt.add_argument("--elbo", choices=list(ELBOS), help=f"trace: Trace_ELBO; analytic-kl: TraceMeanField_ELBO (default: {fitd['elbo']})")
+    opt.add_argument("--elbo", choices=list(ELBOS), help=f"{'; '.join(f'{k}: {v}' for k, v in ELBOS.items())} (default: {fitd['elbo']}; enumerated models get enum)")
     opt.add_argument("--particles", type=int, help=f"samples of z per datapoint and step (default: {fitd['num_particles']})")
     opt.add_argument("--beta", type=float, help=f"KL weight after warm-up; > 1 is a beta-VAE (default: {fitd['beta']})")
     opt.add_argument("--kl-warmup", type=float, help="epochs over which the KL weight rises linearly from 0 (default: 0)")
@@ -79,6 +82,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args) -> RunConfig:
     """A fresh run's config: the dataclass defaults, overridden by every flag given."""
     cfg = RunConfig(**{f: getattr(args, a) for a, f in RUN_FLAGS.items() if getattr(args, a) is not None})
+    if cfg.model not in MODELS and args.guide is None:
+        cfg.guide = None  # a factory's own guide when it returns one, else the amortized family
     fit_kwargs = {f: getattr(args, a) for a, f in FIT_FLAGS.items() if getattr(args, a) is not None}
     cfg.fit = FitConfig(**fit_kwargs, progress=not args.no_progress)
     return cfg
@@ -92,8 +97,10 @@ def run_train(args) -> int:
         given += [a for a in FIT_FLAGS if a != "epochs" and getattr(args, a) is not None]
         if given:
             raise SystemExit(f"pvae train: --resume keeps the run's own settings; drop --{', --'.join(a.replace('_', '-') for a in given)}")
-        saved = json.loads((Path(args.out) / CONFIG_JSON).read_text())
-        cfg = RunConfig.from_dict(saved["run"])
+        saved = read_config(args.out)
+        if not saved.get("run"):
+            raise SystemExit(f"pvae train: {args.out} was fitted from Python: resume it with pvae.fit(..., resume=True)")
+        cfg = RunConfig.from_dict({**saved["run"], "fit": saved["fit"]})
         cfg.fit.progress = not args.no_progress
         if args.epochs is not None:
             cfg.fit.epochs = args.epochs
@@ -106,11 +113,12 @@ def run_train(args) -> int:
     data = load_data(cfg)
     set_seed(cfg.fit.seed)  # the initial weights; fit seeds the training itself
     model, guide = build(cfg, data)
-    print(f"pvae train: {cfg.model} VAE ({cfg.likelihood}, z in R^{cfg.latent_dim}) with the {cfg.guide} guide "
+    what = f"{cfg.model} VAE ({cfg.likelihood}, z in R^{cfg.latent_dim})" if cfg.model in MODELS else cfg.model
+    print(f"pvae train: {what} with the {cfg.guide or type(guide).__name__} guide "
           f"on {data.name} ({data.train.shape[0]} train / {data.test.shape[0]} test), {device}, run folder {out}")
     callbacks = []
-    has_encoder = hasattr(guide, "encode") and getattr(guide, "amortized", True)  # not mean-field
-    if cfg.latent_dim == 2 and not args.no_figures and data.train_labels is not None and has_encoder:
+    has_encoder = hasattr(guide, "encode") and has_q_for(guide, "test")  # not mean-field
+    if cfg.latent_dim == 2 and not args.no_figures and data.train_labels is not None and has_encoder and cfg.model in MODELS:
         callbacks.append(_latent_snapshots(out, data.to(device), cfg.fit.epochs))
     result = fit(model, guide, data, cfg.fit, out_dir=out, resume=args.resume, device=device,
                  run_config=cfg.to_dict(), callbacks=callbacks)
@@ -141,7 +149,7 @@ def write_figures(out: Path, model, guide, data, cfg: RunConfig, history, device
         return
     generator = torch.Generator().manual_seed(cfg.fit.seed)
     plots.plot_samples(model, out / "samples.png", data.image_shape, device=device, generator=generator)
-    if hasattr(guide, "encode") and getattr(guide, "amortized", True):
+    if hasattr(guide, "encode") and has_q_for(guide, "test"):
         plots.plot_reconstructions(model, guide, data.test, data.image_shape, out / "reconstructions.png")
         plots.plot_latent(guide, data.test, data.test_labels, out / "latent.png")
     if cfg.latent_dim == 2:
@@ -159,6 +167,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-datapoints", type=int, help="evaluate the first N datapoints only, for a quick look")
     p.add_argument("--chunk-size", type=int, default=100, help="samples traced at once; bounds the memory (default: 100)")
     p.add_argument("--batch-size", type=int, default=100, help="datapoints traced at once (default: 100)")
+    p.add_argument("--marginal", action="store_true", help="models with global latent sites: also log p(x) with them integrated out (default: conditional on their guide's mean only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -166,42 +175,44 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_evaluate(args) -> int:
     from .evaluate import evaluate
+    from .reports import evaluation_markdown
 
     if args.samples < 1:
         raise SystemExit(f"pvae evaluate: --samples must be at least 1, got {args.samples}")
     device = resolve_device(args.device)
     run = load_run(args.run, device)
-    if not getattr(run.guide, "amortized", True) and args.split != "train":
-        raise SystemExit(f"pvae evaluate: the {run.config.guide} guide has parameters for training rows only: "
+    if not has_q_for(run.guide, args.split):
+        raise SystemExit(f"pvae evaluate: the {run.label()} guide has parameters for training rows only: "
                          "use --split train")
-    num_data = run.data.split(args.split)[0].shape[0]
-    x = _datapoints("evaluate", run, args.split, args.max_datapoints, args.seed)
+    batch = _datapoints("evaluate", run, args.split, args.max_datapoints, args.seed)
     set_seed(args.seed)
-    print(f"pvae evaluate: {run.path}, {x.shape[0]} {args.split} datapoints of {run.data.name}, "
+    print(f"pvae evaluate: {run.path}, {len(batch)} {args.split} datapoints of {run.data.name}, "
           f"K = {args.samples} samples each, {device}")
-    info = {"run": str(run.path), "split": args.split, "seed": args.seed, "guide": run.config.guide}
-    result = evaluate(run.model, run.guide, x, num_data=num_data, num_samples=args.samples,
-                      chunk_size=args.chunk_size, batch_size=args.batch_size, progress=not args.no_progress,
-                      info=info)
-    print(result.to_markdown())
-    paths = result.save(run.path, f"evaluation-{args.split}")
+    info = {"run": str(run.path), "split": args.split, "seed": args.seed, "guide": run.label()}
+    result = evaluate(run.model, run.guide, batch, num_samples=args.samples, chunk_size=args.chunk_size,
+                      batch_size=args.batch_size, progress=not args.no_progress, info=info,
+                      marginal=args.marginal)
+    print(evaluation_markdown(result))
+    paths = write_evaluation(run.path, result, f"evaluation-{args.split}")
     print(f"pvae evaluate: wrote {' and '.join(str(p) for p in paths)}")
     return 0
 
 
-def _datapoints(command: str, run, split: str, max_datapoints, seed: int) -> torch.Tensor:
-    """The first ``max_datapoints`` of a run's split as its guide saw them in training: dynamically
-    binarized training images, which keep their grey levels, become one seeded binary draw."""
+def _datapoints(command: str, run, split: str, max_datapoints, seed: int):
+    """The first ``max_datapoints`` of a run's split, as a batch with their side inputs, as its guide
+    saw them in training: dynamically binarized training images, which keep their grey levels, become
+    one seeded binary draw."""
     x, _ = run.data.split(split)
-    if max_datapoints is not None:
-        if max_datapoints < 1:
-            raise SystemExit(f"pvae {command}: --max-datapoints must be at least 1, got {max_datapoints}")
-        x = x[:max_datapoints]
+    if max_datapoints is not None and max_datapoints < 1:
+        raise SystemExit(f"pvae {command}: --max-datapoints must be at least 1, got {max_datapoints}")
     if x.shape[0] == 0:
         raise SystemExit(f"pvae {command}: the {split} split of {run.data.name} is empty")
+    n = x.shape[0] if max_datapoints is None else min(max_datapoints, x.shape[0])
+    batch = run.data.batch(split, slice(0, n))
     if split == "train" and run.data.binarize == "dynamic":
-        x = torch.bernoulli(x, generator=torch.Generator(device=x.device).manual_seed(seed))
-    return x
+        g = torch.Generator(device=x.device).manual_seed(seed)
+        batch = dataclasses.replace(batch, x=torch.bernoulli(batch.x, generator=g))
+    return batch
 
 
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:
@@ -257,36 +268,43 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_compare(args) -> int:
-    from .compare import CompareConfig, compare_inference, encoder_of, plot_training_curves
+    from .compare import CompareConfig, compare_inference, study_encoder
+    from .metrics import read_metrics
+    from .reports import comparison_table, cremer_reference
 
+    for other in args.curves:  # before the long study, not after it
+        if not (Path(other) / CONFIG_JSON).is_file():
+            raise SystemExit(f"pvae compare: --curves {other}: no run folder there ({CONFIG_JSON} missing)")
     device = resolve_device(args.device)
     run = load_run(args.run, device)
+    refine_lr = args.refine_lr if args.refine_lr is not None else getattr(run.config, "refine_lr", 1e-2)
     config = CompareConfig(
         batch_size=args.batch_size, init=args.init, particles=args.particles, lr=args.lr, max_steps=args.max_steps,
-        window=args.window, lr_decays=args.lr_decays, refine_steps=tuple(args.refine_steps),
-        refine_lr=args.refine_lr if args.refine_lr is not None else run.config.refine_lr,
+        window=args.window, lr_decays=args.lr_decays, refine_steps=tuple(args.refine_steps), refine_lr=refine_lr,
         elbo_particles=args.elbo_particles, iwae_samples=args.iwae_samples, chunk_size=args.chunk_size, seed=args.seed,
     )
-    x = _datapoints("compare", run, args.split, args.max_datapoints, args.seed)
-    encoder = encoder_of(run.guide)
-    print(f"pvae compare: {run.path} ({run.config.guide} guide), {x.shape[0]} {args.split} datapoints of "
+    batch = _datapoints("compare", run, args.split, args.max_datapoints, args.seed)
+    encoder = study_encoder(run.guide)
+    print(f"pvae compare: {run.path} ({run.label()}), {len(batch)} {args.split} datapoints of "
           f"{run.data.name}, {device}" + ("" if encoder else "; no encoder: q* from the prior, no L[q] or L[q_K]"))
-    result = compare_inference(run.model, x, encoder, config, progress=not args.no_progress,
-                               settings={"run": str(run.path), "guide": run.config.guide, "split": args.split,
+    result = compare_inference(run.model, batch, run.guide, config, progress=not args.no_progress,
+                               settings={"run": str(run.path), "guide": run.label(), "split": args.split,
                                          "data": run.data.name})
-    print(result.table())
-    paths = result.write(run.path, f"compare-{args.split}", figure=not args.no_figures)
+    saved = read_config(run.path)
+    reference = cremer_reference({**(saved.get("run") or {}), "split": args.split})
+    print(comparison_table(result, reference))
+    paths = write_comparison(run.path, result, f"compare-{args.split}", figure=not args.no_figures, reference=reference)
     if args.curves and not args.no_figures:
-        runs = {_run_label(r): r for r in [args.run, *args.curves]}
-        paths.append(plot_training_curves(runs, run.path / "curves-compared.png"))
+        runs = {_run_label(r): read_metrics(r) for r in [args.run, *args.curves]}
+        paths.append(plots.plot_curves(runs, run.path / "curves-compared.png", key="train_elbo"))
     print(f"pvae compare: wrote {', '.join(str(p) for p in paths)}")
     return 0
 
 
 def _run_label(run_dir) -> str:
     """A run's guide and folder name, to label its training curve."""
-    saved = json.loads((Path(run_dir) / CONFIG_JSON).read_text())
-    return f"{saved['run']['guide']} ({Path(run_dir).name})"
+    guide = (read_config(run_dir).get("run") or {}).get("guide") or "run"
+    return f"{guide} ({Path(run_dir).name})"
 
 
 COMMANDS = {
@@ -310,7 +328,7 @@ def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
     try:
         return COMMANDS[args.command][1](args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, FloatingPointError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, FloatingPointError, ProgramError) as e:
         print(f"pvae {args.command}: error: {e}", file=sys.stderr)
         return 2
 

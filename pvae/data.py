@@ -17,12 +17,14 @@ Names (:data:`DATASETS`):
 
 import gzip
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
 import torch
+
+from .programs import Batch
 
 BINARIZE = ("none", "static", "dynamic", "threshold")
 
@@ -34,21 +36,31 @@ IDX_FILES = {
 }
 
 
+SPLITS = ("train", "val", "test")
+
+
 @dataclass
 class Dataset:
-    """Flattened images in [0, 1] and their labels, split three ways.
+    """Datapoints as rows of tensors (flattened images in [0, 1] for the image sets), their labels and
+    side inputs, split three ways.
 
     :param name: the data set's name.
-    :param image_shape: ``(C, H, W)`` of one image; ``x`` holds ``C * H * W`` pixels per row.
+    :param image_shape: ``(C, H, W)`` of one image (``x`` holds ``C * H * W`` pixels per row); None for
+        data that are not images.
     :param train, val, test: ``(N, P)`` float tensors.
     :param train_labels, val_labels, test_labels: ``(N,)`` long tensors, or None.
     :param binarize: how the pixels were binarized; with ``"dynamic"`` the training images keep
         their grey levels and :func:`batches` draws a fresh binary image each time one is used,
         while validation and test images were binarized once (seeded) so that epochs compare.
+    :param inputs: side inputs per split, ``{split: {name: (N, ...) tensor}}``: each batch carries the
+        rows of its split's (a conditional model's labels, covariates), passed to the programs' parameters
+        of those names.
+    :param source: the arguments of :func:`load_dataset` that rebuild this data set (a run folder
+        records them); None for data given as tensors.
     """
 
     name: str
-    image_shape: tuple
+    image_shape: Optional[tuple]
     train: torch.Tensor
     val: torch.Tensor
     test: torch.Tensor
@@ -56,10 +68,36 @@ class Dataset:
     val_labels: Optional[torch.Tensor] = None
     test_labels: Optional[torch.Tensor] = None
     binarize: str = "none"
+    inputs: dict = field(default_factory=dict)
+    source: Optional[dict] = None
+
+    @classmethod
+    def from_tensors(cls, train: torch.Tensor, test: Optional[torch.Tensor] = None, val: Optional[torch.Tensor] = None,
+                     inputs: Optional[dict] = None, name: str = "tensors", image_shape=None,
+                     labels: Optional[dict] = None) -> "Dataset":
+        """A data set from ``(N, ...)`` tensors; an absent split is empty.
+
+        :param inputs: side inputs, ``{name: tensor}`` for the training split or
+            ``{name: {"train": ..., "test": ..., "val": ...}}`` for several.
+        :param labels: ``{split: (N,) tensor}``, for pictures coloured by class.
+        """
+        empty = train[:0]
+        splits = {"train": train, "val": empty if val is None else val, "test": empty if test is None else test}
+        by_split = {split: {} for split in SPLITS}
+        for key, value in (inputs or {}).items():
+            for split, tensor in (value if isinstance(value, dict) else {"train": value}).items():
+                if split not in SPLITS:
+                    raise ValueError(f"side input {key!r}: unknown split {split!r}, choose one of {', '.join(SPLITS)}")
+                by_split[split][key] = tensor
+        labels = labels or {}
+        data = cls(name, tuple(image_shape) if image_shape is not None else None, **splits,
+                   **{f"{s}_labels": labels.get(s) for s in SPLITS}, inputs=by_split)
+        data.check_inputs()
+        return data
 
     @property
     def num_pixels(self) -> int:
-        return self.train.shape[1]
+        return self.train[0].numel()
 
     @property
     def is_binary(self) -> bool:
@@ -67,9 +105,54 @@ class Dataset:
 
     def split(self, name: str) -> tuple:
         """``(x, labels)`` of the split ``"train"``, ``"val"`` or ``"test"``."""
-        if name not in ("train", "val", "test"):
+        if name not in SPLITS:
             raise ValueError(f"unknown split {name!r}: choose train, val or test")
         return getattr(self, name), getattr(self, f"{name}_labels")
+
+    def split_inputs(self, name: str) -> dict:
+        return dict(self.inputs.get(name, {}))
+
+    def batch(self, split: str, rows=None) -> Batch:
+        """The rows ``rows`` (all when None) of a split as a :class:`~pvae.programs.Batch`, with their
+        side inputs; ``num_data`` is the split's size."""
+        x, _ = self.split(split)
+        inputs = self.split_inputs(split)
+        if rows is None:
+            return Batch.of(x, num_data=x.shape[0], inputs=inputs, split=split)
+        idx = torch.arange(x.shape[0], device=x.device)[rows] if isinstance(rows, slice) else rows
+        return Batch.of(x[idx], idx, x.shape[0], {k: v[idx] for k, v in inputs.items()}, split)
+
+    def with_inputs(self, **inputs) -> "Dataset":
+        """A copy with side inputs added, each ``{split: tensor}`` (or a tensor for the training split)."""
+        by_split = {split: dict(self.inputs.get(split, {})) for split in SPLITS}
+        for key, value in inputs.items():
+            for split, tensor in (value if isinstance(value, dict) else {"train": value}).items():
+                by_split[split][key] = tensor
+        data = replace(self, inputs=by_split)
+        data.check_inputs()
+        return data
+
+    def labels_as(self, name: str) -> "Dataset":
+        """A copy whose labels are also the side input ``name`` of every split (a conditional model's y)."""
+        missing = [s for s in SPLITS if self.split(s)[1] is None and self.split(s)[0].shape[0]]
+        if missing:
+            raise ValueError(f"data set {self.name!r} has no labels for its {', '.join(missing)} split")
+        data = self.with_inputs(**{name: {s: self.split(s)[1] for s in SPLITS if self.split(s)[1] is not None}})
+        if data.source is not None:
+            data.source = {**data.source, "labels_as": name}
+        return data
+
+    def check_inputs(self) -> None:
+        names = [set(self.inputs.get(s, {})) for s in SPLITS if self.split(s)[0].shape[0]]
+        if names and any(n != names[0] for n in names):
+            raise ValueError(f"every split must carry the same side inputs, got {names}")
+        for split in SPLITS:
+            x = self.split(split)[0]
+            for key, value in self.inputs.get(split, {}).items():
+                if not torch.is_tensor(value) or value.shape[:1] != x.shape[:1]:
+                    got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                    raise ValueError(f"side input {key!r} of the {split} split must have one row per datapoint "
+                                     f"({x.shape[0]}), got {got}")
 
     def to(self, device) -> "Dataset":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -81,25 +164,28 @@ class Dataset:
             train_labels=move(self.train_labels),
             val_labels=move(self.val_labels),
             test_labels=move(self.test_labels),
+            inputs={s: {k: move(v) for k, v in d.items()} for s, d in self.inputs.items()},
         )
 
 
-def batches(
-    x: torch.Tensor, batch_size: int, generator: torch.Generator, dynamic_binarize: bool = False
-) -> Iterator[tuple]:
-    """Yield ``(idx, x[idx])`` over one epoch, in the order of a seeded permutation.
+def batches(data: Dataset, batch_size: int, generator: torch.Generator, split: str = "train") -> Iterator[Batch]:
+    """The batches of one epoch over a split, in the order of a seeded permutation, as
+    :class:`~pvae.programs.Batch` es with their side inputs.
 
-    ``idx`` are the rows' positions in ``x``: the subsample of the ``"data"`` plate. The last batch
-    may be smaller. With ``dynamic_binarize`` each batch is a fresh Bernoulli draw of its grey levels.
+    ``idx`` are the rows' positions in the split. The last batch may be smaller. Training images of a
+    dynamically binarized set are a fresh Bernoulli draw of their grey levels each time.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    x, _ = data.split(split)
+    inputs = data.split_inputs(split)
+    dynamic = split == "train" and data.binarize == "dynamic"
     perm = torch.randperm(x.shape[0], generator=generator, device=x.device)
     for idx in perm.split(batch_size):
         xb = x[idx]
-        if dynamic_binarize:
+        if dynamic:
             xb = torch.bernoulli(xb, generator=generator)
-        yield idx, xb
+        yield Batch(xb, idx, x.shape[0], {k: v[idx] for k, v in inputs.items()}, split)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -112,6 +198,7 @@ def load_dataset(
     val_size: Optional[int] = None,
     seed: int = 0,
     download: bool = True,
+    labels_as: Optional[str] = None,
 ) -> Dataset:
     """Load a data set by name (see the module docstring) or from a folder of IDX files.
 
@@ -121,6 +208,7 @@ def load_dataset(
         for 28x28 sets (leaving MNIST's 55,000), 10% of the training set otherwise.
     :param seed: seeds the static binarization and the splits of sets that have no fixed test set;
         it is the data's seed, independent of the training seed, so that runs compare.
+    :param labels_as: also give the labels as the side input of this name (a conditional model's y).
     """
     if binarize not in BINARIZE:
         raise ValueError(f"unknown binarization {binarize!r}: choose one of {', '.join(BINARIZE)}")
@@ -155,7 +243,9 @@ def load_dataset(
         val_labels=_take(train_y, slice(n_train, None)),
         test_labels=test_y,
     )
-    return binarize_dataset(data, binarize, seed)
+    data = binarize_dataset(data, binarize, seed)
+    data.source = {"dataset": name, "data_dir": data_dir, "binarize": binarize, "val_size": val_size, "seed": seed}
+    return data.labels_as(labels_as) if labels_as else data
 
 
 def binarize_dataset(data: Dataset, mode: str, seed: int = 0) -> Dataset:

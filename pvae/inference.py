@@ -1,14 +1,21 @@
-"""What works on any model/guide pair with a ``"data"`` plate: ELBO objectives for training, and
-per-datapoint log-weights, ELBO terms and the importance-weighted bound for evaluation.
+"""What works on any model/guide pair: the training objectives, and one stream of per-datapoint
+log-weights from which the ELBO, the importance-weighted bound and every diagnostic are reductions.
 
-Evaluation traces the guide under a vectorized particle plate and replays the model on its samples,
-so one pass gives, for K particles and B datapoints, the ``(K, B)`` log-weights
+Objectives (:func:`make_elbo`), chosen from what :func:`~pvae.programs.inspect_programs` found:
 
-.. math:: \\log w_k = \\log p(x, z_k) - \\log q(z_k \\mid x), \\qquad z_k \\sim q(z \\mid x),
+- a guide whose sites are all reparameterized: :class:`ReparamELBO`, the value and gradient of
+  Pyro's ``Trace_ELBO`` without its per-site host synchronizations, with the closed-form KL of
+  each site where it is exact (``analytic-kl``);
+- a model with enumerated discrete sites (or ``enum``): Pyro's ``TraceEnum_ELBO``, which sums them
+  out exactly;
+- otherwise Pyro's ``Trace_ELBO``, with score-function terms for the guide's discrete sites.
 
-from which the ELBO is the mean over k and the importance-weighted bound (Burda et al. 2015)
-:math:`\\log \\hat p(x) = \\log \\frac1K \\sum_k w_k`. No model-specific code: any Pyro model whose
-latent and observed sites sit in the ``"data"`` plate can be evaluated.
+The stream (:func:`log_weight_chunks`): K particles :math:`z_k \\sim q(z \\mid x)` per datapoint,
+drawn in chunks under a vectorized plate, the model replayed on them, and per particle and datapoint
+:math:`\\log w_k = \\log p(x, z_k) - \\log q(z_k \\mid x)` (:class:`LogWeights`), enumerated sites summed
+out exactly. The ELBO is the mean over k and the importance-weighted bound (Burda et al. 2015)
+:math:`\\log \\hat p(x) = \\log \\frac1K \\sum_k w_k`. Global latent sites (outside the data plate)
+are kept apart: their terms are per particle, not per datapoint.
 
 References:
 
@@ -17,230 +24,277 @@ References:
 """
 
 import math
+import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import pyro
+from pyro.infer.util import is_validation_enabled
 import torch
+from opt_einsum import shared_intermediates
 from pyro import poutine
-from torch.distributions import kl_divergence
-from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
-from pyro.poutine.messenger import Messenger
 from pyro.distributions.util import scale_and_mask
-from pyro.poutine.util import site_is_subsample
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO
+from pyro.ops import packed
+from pyro.ops.contract import contract_to_tensor
+from pyro.poutine.messenger import Messenger
+from torch.distributions import kl_divergence
 
-from .plate import DATA
+from .programs import (
+    DATA,
+    PARTICLES,
+    Batch,
+    ProgramInfo,
+    as_program,
+    data_frame,
+    inspect_programs,
+    is_enumerated,
+    latent_sites,
+    sample_sites,
+)
 
 ELBOS = {
-    "trace": Trace_ELBO,  # Monte Carlo estimate of every term
-    "analytic-kl": TraceMeanField_ELBO,  # KL(q || p) in closed form where it is known
+    "trace": "Monte Carlo estimate of every term (Trace_ELBO)",
+    "analytic-kl": "the KL in closed form where it is exact, Monte Carlo elsewhere",
+    "enum": "enumerated discrete sites summed out exactly (TraceEnum_ELBO)",
 }
-PARTICLES = "particles"
 
 
-def make_elbo(
-    name: str = "trace", num_particles: int = 1, max_plate_nesting: int = 1, reparameterized: bool = False
-):
-    """The training objective by name: ``trace`` (:class:`~pyro.infer.Trace_ELBO`) or ``analytic-kl``
-    (:class:`~pyro.infer.TraceMeanField_ELBO`, whose Gaussian KL is
-    :math:`\\frac12 \\sum_d (\\mu_d^2 + \\sigma_d^2 - \\log \\sigma_d^2 - 1)` against N(0, I)).
-    Particles are vectorized. With ``reparameterized`` (see :func:`reparameterized`) the same
-    objective comes as :class:`ReparamELBO`, which is leaner and never synchronizes with the host."""
+class PvaeWarning(UserWarning):
+    """What pvae says once about a choice it made for the user (an objective's fallback, ...)."""
+
+
+def make_elbo(name: str = "trace", num_particles: int = 1, info: Optional[ProgramInfo] = None):
+    """The training objective ``name`` for programs described by ``info`` (see the module docstring).
+
+    ``analytic-kl`` takes the closed-form KL of each site where it is exact and says once, as a
+    :class:`PvaeWarning`, which sites take the Monte Carlo term instead. Particles are vectorized.
+    """
     if name not in ELBOS:
         raise ValueError(f"unknown ELBO {name!r}: choose one of {', '.join(ELBOS)}")
     if num_particles < 1:
         raise ValueError(f"num_particles must be at least 1, got {num_particles}")
-    if reparameterized:
-        return ReparamELBO(num_particles, analytic_kl=name == "analytic-kl", max_plate_nesting=max_plate_nesting)
-    return ELBOS[name](
-        num_particles=num_particles,
-        vectorize_particles=num_particles > 1,
-        max_plate_nesting=max_plate_nesting,
-    )
+    if info is None:
+        return Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1)
+    if name == "analytic-kl":
+        if info.enumerated:
+            _say("analytic-kl: the model enumerates discrete sites, which TraceEnum_ELBO sums out; every KL "
+                 "is estimated by Monte Carlo")
+        elif not info.reparameterized:
+            _say("analytic-kl: the guide samples discrete sites (score-function gradients): every KL is "
+                 "estimated by Monte Carlo with Trace_ELBO")
+        else:
+            rest = [n for n in info.guide_latent if n not in info.analytic_kl]
+            if rest:
+                _say(f"analytic-kl: site(s) {', '.join(map(repr, rest))} have no exact closed-form KL with this "
+                     "guide (no formula, or the guide samples a latent the model's density depends on after "
+                     "them): those take the Monte Carlo term")
+    return lean_elbo(info, num_particles, analytic=name == "analytic-kl", enumerate_=name == "enum")
+
+
+def lean_elbo(info: ProgramInfo, num_particles: int = 1, analytic: bool = True, enumerate_: bool = False):
+    """The leanest exact objective for the programs ``info`` describes, silently: ``TraceEnum_ELBO``
+    for enumerated sites, :class:`ReparamELBO` (with the closed-form KL where exact, if ``analytic``)
+    for reparameterized guides, ``Trace_ELBO`` otherwise."""
+    nesting = max(info.plate_nesting, 1)
+    vectorize = num_particles > 1
+    if enumerate_ or info.enumerated:
+        return TraceEnum_ELBO(num_particles=num_particles, vectorize_particles=vectorize, max_plate_nesting=nesting)
+    if info.reparameterized:
+        return ReparamELBO(num_particles, info.analytic_kl if analytic else frozenset(), nesting)
+    return Trace_ELBO(num_particles=num_particles, vectorize_particles=vectorize, max_plate_nesting=nesting)
+
+
+def _say(message: str) -> None:
+    warnings.warn(message, PvaeWarning, stacklevel=3)
 
 
 class KLWeight(Messenger):
-    """Multiplies the log-density of every latent (unobserved) sample site by ``weight``, in the model
-    and in the guide alike, so the ELBO becomes E[log p(x|z)] - weight * KL: KL warm-up
-    (Sønderby et al. 2016, arXiv 1602.02282) and the beta-VAE (Higgins et al. 2017)."""
+    """Multiplies the log-density of every sampled latent site by ``weight``, in the model and in the
+    guide alike, so the ELBO becomes E[log p(x|z)] - weight * KL: KL warm-up (Sønderby et al. 2016,
+    arXiv 1602.02282) and the beta-VAE (Higgins et al. 2017). Enumerated sites, summed out rather
+    than sampled, are left alone: they are part of the likelihood."""
 
     def __init__(self, weight: float = 1.0):
         super().__init__()
         self.weight = weight
 
     def _process_message(self, msg):
-        if msg["type"] == "sample" and not msg["is_observed"]:
+        if msg["type"] == "sample" and not msg["is_observed"] and not is_enumerated(msg):
             msg["scale"] = msg["scale"] * self.weight
 
 
-@dataclass
-class Programs:
-    """What one traced run tells of a model/guide pair."""
+class ReparamELBO:
+    """The ELBO of a guide whose latent sites are all reparameterized, as a differentiable loss:
+    the value and gradient of Pyro's ``Trace_ELBO`` (and of ``TraceMeanField_ELBO`` on the sites in
+    ``analytic``) without their bookkeeping for score-function terms and per-site ``.item()`` calls,
+    each a host synchronization on a GPU.
 
-    plate_nesting: int  # batch dimensions their plates use
-    reparameterized: bool  # every latent site of the guide has rsample, and the model's are the guide's
+    .. math:: -\\mathcal L = -\\frac1K \\sum_k \\Big[\\sum_{\\text{model sites}} s \\log p
+        - \\sum_{\\text{guide sites}} s \\log q\\Big]
+
+    with each site's scale ``s`` (the data plate's N / B, a :class:`KLWeight`); for a site in
+    ``analytic`` the pair of terms is the closed-form ``-s KL(q || p)``.
+    """
+
+    def __init__(self, num_particles: int = 1, analytic=frozenset(), max_plate_nesting: int = 1):
+        self.num_particles = num_particles
+        self.analytic = frozenset(analytic)
+        self.max_plate_nesting = max_plate_nesting
+
+    def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs) -> torch.Tensor:
+        if self.num_particles > 1:
+            with pyro.plate(PARTICLES, self.num_particles, dim=-(self.max_plate_nesting + 1)):
+                guide_trace, model_trace = _traces(model, guide, args, kwargs)
+        else:
+            guide_trace, model_trace = _traces(model, guide, args, kwargs)
+        q_sites = latent_sites(guide_trace)
+        elbo, done = 0.0, set()
+        for name, site in sample_sites(model_trace).items():
+            if name in self.analytic and name in q_sites:
+                q_site = q_sites[name]
+                try:
+                    kl = kl_divergence(q_site["fn"], site["fn"])
+                except NotImplementedError:
+                    pass
+                else:
+                    elbo = elbo - scale_and_mask(kl, q_site["scale"], q_site["mask"]).sum()
+                    done.add(name)
+                    continue
+            elbo = elbo + _scaled_log_prob(site)
+        for name, site in q_sites.items():
+            if name not in done:
+                elbo = elbo - _scaled_log_prob(site)
+        return -elbo / self.num_particles
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        with torch.no_grad():
+            return self.differentiable_loss(model, guide, *args, **kwargs).item()
 
 
-def inspect_programs(model: Callable, guide: Callable, *args) -> Programs:
-    """Trace ``guide`` and the model replayed on it once, without gradients or outer effects."""
-    with torch.no_grad(), poutine.block():
-        guide_trace = poutine.trace(guide).get_trace(*args)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args)
-    dims = [
-        -frame.dim
-        for trace in (guide_trace, model_trace)
-        for site in trace.nodes.values()
-        if site["type"] == "sample" and not site_is_subsample(site)
-        for frame in site["cond_indep_stack"]
-        if frame.vectorized
-    ]
-
-    def latent(trace):
-        return {
-            name: site for name, site in trace.nodes.items()
-            if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
-        }
-
-    q_sites, p_sites = latent(guide_trace), latent(model_trace)
-    reparam = q_sites.keys() == p_sites.keys() and all(
-        getattr(site["fn"], "has_rsample", False) and site["infer"].get("enumerate") is None
-        for site in q_sites.values()
-    )
-    return Programs(max(dims, default=0), reparam)
+def _traces(model, guide, args, kwargs):
+    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    return guide_trace, model_trace
 
 
-def max_plate_nesting(model: Callable, guide: Callable, *args) -> int:
-    """How many batch dimensions the plates of ``model`` and ``guide`` use, from one traced run."""
-    return inspect_programs(model, guide, *args).plate_nesting
+def _scaled_log_prob(site) -> torch.Tensor:
+    return scale_and_mask(site["fn"].log_prob(site["value"]), site["scale"], site["mask"]).sum()
 
 
-def reparameterized(model: Callable, guide: Callable, *args) -> bool:
-    """Whether every latent site of ``guide`` is reparameterized and the model's latent sites are the
-    guide's: the programs :class:`ReparamELBO` serves."""
-    return inspect_programs(model, guide, *args).reparameterized
+# ----------------------------------------------------------------------------- the stream
 
 
 @dataclass
 class LogWeights:
-    """Per-particle, per-datapoint log-densities, each ``(K, B)``.
+    """Log-densities of one chunk of K particles for B datapoints (see the module docstring).
 
-    ``kl`` is the analytic KL(q(z|x) || p(z)) per datapoint ``(B,)`` where every latent site's pair of
-    distributions has a closed form, else None.
+    :param log_p: ``(K, B)`` :math:`\\log p(x_b, z_{kb} \\mid g_k)`: the observed and local latent sites
+        of the model, enumerated sites summed out.
+    :param log_q: ``(K, B)`` :math:`\\log q(z_{kb} \\mid x_b)`: the guide's local sites.
+    :param log_likelihood: ``(K, B)`` the observed sites alone, :math:`\\log p(x_b \\mid z_{kb}, g_k)`;
+        None when enumerated sites join them to the latents.
+    :param kl: ``(K, B)`` the closed-form KL of every local site, where each is exact (at the sampled
+        parents, hence per particle); else None.
+    :param global_log_p: ``(K,)`` the model's global latent sites, :math:`\\log p(g_k)`.
+    :param global_log_q: ``(K,)`` the guide's global sites, :math:`\\log q(g_k)`.
     """
 
-    log_likelihood: torch.Tensor  # log p(x | z_k)
-    log_prior: torch.Tensor  # log p(z_k)
-    log_q: torch.Tensor  # log q(z_k | x)
-    kl: Optional[torch.Tensor] = None
+    log_p: torch.Tensor
+    log_q: torch.Tensor
+    log_likelihood: Optional[torch.Tensor]
+    kl: Optional[torch.Tensor]
+    global_log_p: torch.Tensor
+    global_log_q: torch.Tensor
+    traces: Optional[tuple] = None  # (guide trace, model trace), for the latents' own summaries
 
     @property
     def log_w(self) -> torch.Tensor:
-        return self.log_likelihood + self.log_prior - self.log_q
-
-
-@dataclass
-class ParticleTraces:
-    """The guide's and the replayed model's traces under a vectorized plate of particles, with
-    log-densities computed, for the batch ``x``. ``particle_dim`` is the particles' (negative) batch
-    dimension."""
-
-    guide: poutine.Trace
-    model: poutine.Trace
-    particle_dim: int
-    x: torch.Tensor
-    num_particles: int
+        """``(K, B)`` the importance log-weights of the local sites."""
+        return self.log_p - self.log_q
 
     @property
-    def shape(self) -> tuple:
-        """``(K, B)``: particles by datapoints."""
-        return (self.num_particles, self.x.shape[0])
+    def log_prior(self) -> Optional[torch.Tensor]:
+        return None if self.log_likelihood is None else self.log_p - self.log_likelihood
 
 
-def particle_traces(
-    model: Callable,
-    guide: Callable,
-    x: torch.Tensor,
-    idx=None,
-    num_data=None,
-    num_particles: int = 1,
-    plate_nesting: Optional[int] = None,
-) -> ParticleTraces:
-    """Trace ``guide`` under a vectorized plate of ``num_particles`` and replay ``model`` on its samples."""
-    if plate_nesting is None:
-        plate_nesting = max_plate_nesting(model, guide, x, idx, num_data)
-    outer = -(plate_nesting + 1)
+def particle_traces(model, guide, batch: Batch, num_particles: int, info: ProgramInfo) -> tuple:
+    """The guide's and the replayed model's traces under a vectorized plate of ``num_particles``,
+    enumerated model sites enumerated in parallel left of the particles; log-densities computed."""
+    model, guide = as_program(model, "model"), as_program(guide, "guide")
+    outer = -(info.plate_nesting + 1)
     with pyro.plate(PARTICLES, num_particles, dim=outer):
-        guide_trace = poutine.trace(guide).get_trace(x, idx, num_data)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, idx, num_data)
+        guide_trace = poutine.trace(guide).get_trace(batch)
+        replayed = poutine.replay(model, trace=guide_trace)
+        if info.enumerated:
+            replayed = poutine.enum(replayed, first_available_dim=outer - 1)
+        model_trace = poutine.trace(replayed).get_trace(batch)
     guide_trace.compute_log_prob()
     model_trace.compute_log_prob()
-    return ParticleTraces(guide_trace, model_trace, outer, x, num_particles)
+    return guide_trace, model_trace
 
 
-def log_weights(
-    model: Callable,
-    guide: Callable,
-    x: torch.Tensor,
-    idx=None,
-    num_data=None,
-    num_particles: int = 1,
-    plate_nesting: Optional[int] = None,
-) -> LogWeights:
-    """Trace ``guide`` under a vectorized plate of ``num_particles`` and replay ``model`` on its samples.
-
-    Densities are unscaled: the data plate's subsampling scale and any :class:`KLWeight` do not enter.
-    """
-    traces = particle_traces(model, guide, x, idx, num_data, num_particles, plate_nesting)
-    return traces_log_weights(traces)
-
-
-def traces_log_weights(traces: ParticleTraces) -> LogWeights:
-    """The per-particle, per-datapoint log-densities of traces made by :func:`particle_traces`."""
-    guide_trace, model_trace, outer, shape = traces.guide, traces.model, traces.particle_dim, traces.shape
-    x = traces.x
+def log_weights(model, guide, batch, num_particles: int = 1, info: Optional[ProgramInfo] = None,
+                keep_traces: bool = False) -> LogWeights:
+    """One chunk of the stream: :class:`LogWeights` of ``num_particles`` particles for ``batch``
+    (a :class:`~pvae.programs.Batch` or a tensor of datapoints). Densities are unscaled: the data
+    plate's N / B and any :class:`KLWeight` do not enter."""
+    batch = Batch.of(batch)
+    info = info or inspect_programs(model, guide, batch)
+    guide_trace, model_trace = particle_traces(model, guide, batch, num_particles, info)
+    outer, shape = -(info.plate_nesting + 1), (num_particles, len(batch))
 
     def per_datapoint(site):
         return _reduce_to_data(site["unscaled_log_prob"], site, outer, shape)
 
-    zero = x.new_zeros(shape)
-    log_likelihood, log_prior, log_q, kl = zero, zero, zero, x.new_zeros(x.shape[0])
-    for name, site in model_trace.nodes.items():
-        if site["type"] != "sample" or site_is_subsample(site):
+    def per_particle(site):
+        value = site["unscaled_log_prob"]
+        value = value.reshape((1,) * (-outer - value.dim()) + value.shape)
+        return value.sum(list(range(1, value.dim()))).expand(num_particles)
+
+    zeros, zero = batch.x.new_zeros(shape), batch.x.new_zeros(num_particles)
+    log_q, global_log_q = zeros, zero
+    q_sites = latent_sites(guide_trace)
+    for site in q_sites.values():
+        if data_frame(site) is None:
+            global_log_q = global_log_q + per_particle(site)
+        else:
+            log_q = log_q + per_datapoint(site)
+
+    log_likelihood, log_prior, global_log_p = zeros, zeros, zero
+    kl = zeros if q_sites else None
+    local = {}
+    for name, site in sample_sites(model_trace).items():
+        if data_frame(site) is None:
+            if not site["is_observed"]:  # observed globals are conditioned values: constants here
+                global_log_p = global_log_p + per_particle(site)
+            continue
+        local[name] = site
+        if info.enumerated:
             continue
         if site["is_observed"]:
             log_likelihood = log_likelihood + per_datapoint(site)
             continue
-        if name not in guide_trace.nodes:
-            raise ValueError(f"latent site {name!r} of the model has no counterpart in the guide")
         log_prior = log_prior + per_datapoint(site)
-        if kl is not None:
-            kl = _add_analytic_kl(kl, guide_trace.nodes[name], site, outer, shape)
-    for name, site in guide_trace.nodes.items():
-        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site):
-            if name not in model_trace.nodes:
-                raise ValueError(f"guide site {name!r} does not appear in the model")
-            log_q = log_q + per_datapoint(site)
-    return LogWeights(log_likelihood, log_prior, log_q, kl)
-
-
-def _add_analytic_kl(kl, guide_site, model_site, outer, shape):
-    try:
-        site_kl = kl_divergence(guide_site["fn"], model_site["fn"])
-    except NotImplementedError:
-        return None
-    # (K, B): identical across particles; keep one row
-    return kl + _reduce_to_data(site_kl, guide_site, outer, shape)[0]
+        if kl is not None and name in info.analytic_kl and name in q_sites:
+            kl = kl + _reduce_to_data(kl_divergence(q_sites[name]["fn"], site["fn"]), site, outer, shape)
+        else:
+            kl = None
+    if any(name not in info.analytic_kl for name, s in q_sites.items() if data_frame(s) is not None):
+        kl = None
+    if info.enumerated:
+        log_p, log_likelihood, kl = _contract_enumerated(model_trace, local, outer, shape), None, None
+    else:
+        log_p = log_likelihood + log_prior
+    traces = (guide_trace, model_trace) if keep_traces else None
+    return LogWeights(log_p, log_q, log_likelihood, kl, global_log_p, global_log_q, traces)
 
 
 def _reduce_to_data(value: torch.Tensor, site: dict, outer: int, shape: tuple) -> torch.Tensor:
-    """Sum a site's log-density over every batch dimension but the particles' and the datapoints'."""
-    data_dims = [f.dim for f in site["cond_indep_stack"] if f.name == DATA]
-    if not data_dims:
-        raise ValueError(
-            f"site {site['name']!r} is outside the {DATA!r} plate: pvae evaluates models whose "
-            "latent and observed sites are all per datapoint"
-        )
-    (data_dim,) = data_dims
+    """Sum a site's per-element log-density over every batch dimension but the particles' and the
+    datapoints', as ``(K, B)``."""
+    data_dim = data_frame(site).dim
     width = -outer
     value = value.reshape((1,) * (width - value.dim()) + value.shape)
     other = [d for d in range(outer, 0) if d not in (outer, data_dim)]
@@ -249,115 +303,103 @@ def _reduce_to_data(value: torch.Tensor, site: dict, outer: int, shape: tuple) -
     return value.reshape(value.shape[0], -1).expand(shape)
 
 
-# ----------------------------------------------------------------------------- estimates
+def _contract_enumerated(model_trace, local: dict, outer: int, shape: tuple) -> torch.Tensor:
+    """:math:`\\log p(x_b, z_{kb})` with the enumerated sites summed out exactly, ``(K, B)``: the local
+    sites' log-factors contracted by Pyro's tensor-variable elimination, keeping the particle and
+    data plates."""
+    model_trace.pack_tensors()
+    symbols = model_trace.plate_to_symbol
+    tree = OrderedDict()
+    for site in local.values():
+        ordinal = frozenset(symbols[f.name] for f in site["cond_indep_stack"] if f.vectorized)
+        tree.setdefault(ordinal, []).append(site["packed"]["unscaled_log_prob"])
+    sum_dims = set(model_trace.symbol_to_dim) - set(symbols.values())
+    present = {d for terms in tree.values() for t in terms for d in t._pyro_dims}  # packing drops size-1 dims
+    target = frozenset(symbols[name] for name in (PARTICLES, DATA) if symbols[name] in present)
+    with shared_intermediates():
+        value = contract_to_tensor(tree, sum_dims, target_ordinal=target)
+    value = packed.unpack(value, model_trace.symbol_to_dim)
+    value = value.reshape((1,) * (-outer - value.dim()) + value.shape)
+    return value.reshape(value.shape[0], -1).expand(shape)
 
 
-@torch.no_grad()
-def elbo_terms(
-    model: Callable, guide: Callable, x: torch.Tensor, idx=None, num_data=None, num_particles: int = 1,
-    plate_nesting: Optional[int] = None,
-) -> dict:
-    """Per-datapoint ELBO and its parts, each ``(B,)``.
-
-    ``recon`` is E_q[log p(x|z)]; ``kl`` is the analytic KL where every latent site has one, else the
-    Monte Carlo E_q[log q - log p]; ``elbo = recon - kl``.
-    """
-    lw = log_weights(model, guide, x, idx, num_data, num_particles, plate_nesting)
-    recon = lw.log_likelihood.mean(0)
-    kl = lw.kl if lw.kl is not None else (lw.log_q - lw.log_prior).mean(0)
-    return {"elbo": recon - kl, "recon": recon, "kl": kl}
-
-
-@torch.no_grad()
-def iwae_bound(
-    model: Callable,
-    guide: Callable,
-    x: torch.Tensor,
-    idx=None,
-    num_data=None,
-    num_samples: int = 1000,
-    chunk_size: int = 100,
-    plate_nesting: Optional[int] = None,
-) -> torch.Tensor:
-    """The importance-weighted bound :math:`\\log \\frac1K \\sum_k p(x, z_k) / q(z_k \\mid x)` per
-    datapoint ``(B,)`` (Burda et al. 2015), in chunks of ``chunk_size`` particles with a running
-    log-sum-exp, so that peak memory does not grow with ``num_samples``."""
+def log_weight_chunks(model, guide, batch, num_samples: int, chunk_size: int, info: Optional[ProgramInfo] = None,
+                      keep_traces: bool = False) -> Iterator[LogWeights]:
+    """The stream: :class:`LogWeights` of ``num_samples`` particles in chunks of at most
+    ``chunk_size``, so that memory does not grow with ``num_samples``. Pyro's validation, when on,
+    checks the first chunk; the others see the same programs and data."""
     if num_samples < 1 or chunk_size < 1:
         raise ValueError(f"num_samples and chunk_size must be at least 1, got {num_samples}, {chunk_size}")
-    if plate_nesting is None:
-        plate_nesting = max_plate_nesting(model, guide, x, idx, num_data)
-    running = x.new_full((x.shape[0],), -math.inf)
+    batch = Batch.of(batch)
+    info = info or inspect_programs(model, guide, batch)
     for start in range(0, num_samples, chunk_size):
         k = min(chunk_size, num_samples - start)
-        lw = log_weights(model, guide, x, idx, num_data, k, plate_nesting).log_w
-        running = torch.logaddexp(running, torch.logsumexp(lw, dim=0))
-    return running - math.log(num_samples)
+        with pyro.validation_enabled(is_validation_enabled() and start == 0):
+            yield log_weights(model, guide, batch, k, info, keep_traces)
 
 
-def batched(fn: Callable, x: torch.Tensor, batch_size: int, idx=None):
-    """Apply ``fn(x_batch, idx_batch)`` over ``x`` in batches and concatenate what it returns per
-    datapoint: a ``(B,)`` tensor, or a dict of them. ``idx`` defaults to the rows of ``x``."""
-    if idx is None:
-        idx = torch.arange(x.shape[0], device=x.device)
-    parts = [fn(xb, ib) for xb, ib in zip(x.split(batch_size), idx.split(batch_size))]
-    if isinstance(parts[0], dict):
-        return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
-    return torch.cat(parts)
+# ----------------------------------------------------------------------------- reductions
 
 
-# ----------------------------------------------------------------------------- training objective
+@torch.no_grad()
+def elbo_terms(model, guide, batch, num_particles: int = 1, chunk_size: int = 1000,
+               info: Optional[ProgramInfo] = None) -> dict:
+    """Per-datapoint ELBO of the local sites and its parts, each ``(B,)``.
 
-
-class ReparamELBO:
-    """The ELBO of a guide whose latent sites are all reparameterized, as a differentiable loss:
-    the value and gradient of :class:`~pyro.infer.Trace_ELBO` (``analytic_kl=False``) or
-    :class:`~pyro.infer.TraceMeanField_ELBO` (``analytic_kl=True``), without their bookkeeping for
-    score-function terms, trace copies and per-site ``.item()`` calls, each a host synchronization
-    on a GPU. :func:`make_elbo` picks it when the guide allows, Pyro's ELBO otherwise.
-
-    .. math:: -\\mathcal L = -\\frac1K \\sum_k \\Big[\\sum_{\\text{observed}} s \\log p(x \\mid z_k)
-        + \\sum_{\\text{latent}} s \\big(\\log p(z_k) - \\log q(z_k \\mid x)\\big)\\Big]
-
-    with each site's scale ``s`` (the data plate's ``num_data / B``, a :class:`KLWeight`); the
-    latent terms are the closed-form ``-s KL(q || p)`` where ``analytic_kl`` and one is known.
+    ``recon`` is :math:`E_q[\\log p(x \\mid z)]`; ``kl`` the closed-form KL where every local site's is
+    exact, else the Monte Carlo :math:`E_q[\\log q - \\log p]`; ``elbo = recon - kl``. With enumerated
+    sites the split does not exist and only ``elbo`` is returned. ``global_kl`` (a 0-dim tensor) is
+    the Monte Carlo KL of the global sites, zero without them: the data set's ELBO is
+    ``elbo.sum() - global_kl`` over all its datapoints.
     """
-
-    def __init__(self, num_particles: int = 1, analytic_kl: bool = False, max_plate_nesting: int = 1):
-        self.num_particles = num_particles
-        self.analytic_kl = analytic_kl
-        self.max_plate_nesting = max_plate_nesting
-
-    def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs) -> torch.Tensor:
-        if self.num_particles > 1:
-            with pyro.plate(PARTICLES, self.num_particles, dim=-(self.max_plate_nesting + 1)):
-                guide_trace, model_trace = self._traces(model, guide, args, kwargs)
-        else:
-            guide_trace, model_trace = self._traces(model, guide, args, kwargs)
-        elbo = 0.0
-        for name, site in model_trace.nodes.items():
-            if site["type"] != "sample" or site_is_subsample(site):
-                continue
-            if site["is_observed"]:
-                elbo = elbo + _scaled_log_prob(site)
-                continue
-            q_site = guide_trace.nodes[name]
-            if self.analytic_kl:
-                try:
-                    kl = kl_divergence(q_site["fn"], site["fn"])
-                except NotImplementedError:
-                    pass
-                else:
-                    elbo = elbo - scale_and_mask(kl, q_site["scale"], q_site["mask"]).sum()
-                    continue
-            elbo = elbo + _scaled_log_prob(site) - _scaled_log_prob(q_site)
-        return -elbo / self.num_particles
-
-    @staticmethod
-    def _traces(model, guide, args, kwargs):
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
-        return guide_trace, model_trace
+    sums, count = {}, 0
+    for lw in log_weight_chunks(model, guide, batch, num_particles, chunk_size, info):
+        parts = {"elbo": lw.log_w.sum(0), "global_kl": (lw.global_log_q - lw.global_log_p).sum()}
+        if lw.log_likelihood is not None:
+            parts["recon"] = lw.log_likelihood.sum(0)
+            parts["kl"] = (lw.kl if lw.kl is not None else lw.log_q - lw.log_prior).sum(0)
+        for key, value in parts.items():
+            sums[key] = value if key not in sums else sums[key] + value
+        count += lw.log_w.shape[0]
+    terms = {key: value / count for key, value in sums.items()}
+    if "recon" in terms:
+        terms["elbo"] = terms["recon"] - terms["kl"]
+    return terms
 
 
-def _scaled_log_prob(site) -> torch.Tensor:
-    return scale_and_mask(site["fn"].log_prob(site["value"]), site["scale"], site["mask"]).sum()
+class LogMeanExp:
+    """:math:`\\log \\frac1K \\sum_k e^{v_k}` over values that come in chunks along their first axis, by a
+    running log-sum-exp: the importance-weighted bound of a stream of log-weights."""
+
+    def __init__(self):
+        self.lse, self.count = None, 0
+
+    def add(self, values: torch.Tensor) -> None:
+        lse = torch.logsumexp(values, dim=0)
+        self.lse = lse if self.lse is None else torch.logaddexp(self.lse, lse)
+        self.count += values.shape[0]
+
+    def value(self) -> torch.Tensor:
+        return self.lse - math.log(self.count)
+
+
+@torch.no_grad()
+def iwae_bound(model, guide, batch, num_samples: int = 1000, chunk_size: int = 100,
+               info: Optional[ProgramInfo] = None) -> torch.Tensor:
+    """The importance-weighted bound :math:`\\log \\frac1K \\sum_k p(x, z_k) / q(z_k \\mid x)` per
+    datapoint ``(B,)`` (Burda et al. 2015), by a running log-sum-exp over chunks of particles."""
+    bound = LogMeanExp()
+    for lw in log_weight_chunks(model, guide, batch, num_samples, chunk_size, info):
+        bound.add(lw.log_w)
+    return bound.value()
+
+
+def batched(fn: Callable, batch: Batch, batch_size: int):
+    """Apply ``fn(sub_batch)`` over ``batch`` in sub-batches of ``batch_size`` rows and concatenate
+    what it returns per datapoint: a ``(B,)`` tensor, or a dict of them (0-dim entries are averaged
+    over the sub-batches)."""
+    parts = [fn(b) for b in Batch.of(batch).split_rows(batch_size)]
+    if isinstance(parts[0], dict):
+        return {key: torch.cat([p[key] for p in parts]) if parts[0][key].dim() else torch.stack([p[key] for p in parts]).mean()
+                for key in parts[0]}
+    return torch.cat(parts)

@@ -113,3 +113,39 @@ def _save(fig, path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_comparison(comparison, path, reference=None) -> Path:
+    """A bar chart of a :class:`~pvae.compare.Comparison`: each q's gap to log p̂(x), and the two gaps,
+    beside a paper's (``reference``) only where the run's setting is theirs."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    c = comparison
+    bars = [("q*", c.approximation_gap)]
+    bars += [(f"q_K\nK={k}", c.gap_q_k[k]) for k in sorted(c.gap_q_k, reverse=True)]
+    if c.inference_gap is not None:
+        bars.append(("q\n(encoder)", c.inference_gap))
+    left.bar(range(len(bars)), [b.mean for _, b in bars], yerr=[_se(b) for _, b in bars], capsize=4, color="tab:blue")
+    left.set_xticks(range(len(bars)), [label for label, _ in bars])
+    left.set_ylabel("log p̂(x) − L[q]  (nats)")
+    left.set_title("inference gap of each q")
+    gaps = [("approximation", c.approximation_gap, "approximation_gap"),
+            ("amortization", c.amortization_gap, "amortization_gap")]
+    gaps = [g for g in gaps if g[1] is not None]
+    pos = torch.arange(len(gaps), dtype=torch.float64)
+    width = 0.4 if reference else 0.6
+    right.bar(pos - (0.2 if reference else 0), [g[1].mean for g in gaps], width, yerr=[_se(g[1]) for g in gaps],
+              capsize=4, label="ours")
+    if reference:
+        right.bar(pos + 0.2, [reference.get(g[2], 0.0) for g in gaps], width, hatch="//", color="white",
+                  edgecolor="tab:gray", label="Cremer et al. 2018")
+        right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize="small")
+    right.set_xticks(pos.tolist(), [g[0] + " gap" for g in gaps])
+    right.set_ylabel("nats")
+    right.set_title(f"gaps, {c.datapoints} datapoints")
+    return _save(fig, path)
+
+
+def _se(estimate) -> float:
+    import math
+
+    return estimate.se if math.isfinite(estimate.se) else 0.0

@@ -1,10 +1,10 @@
 """Fitting any Pyro model/guide pair by stochastic variational inference.
 
-:func:`fit` maximizes the ELBO of ``model(x, idx, num_data)`` and ``guide(x, idx, num_data)`` (see
-:mod:`pvae.plate`) over a :class:`~pvae.data.Dataset` held on the training device. It drives Pyro's
-ELBO as a differentiable loss with torch's own optimizers: as fast as a hand-written loop (see
-``benchmarks/fit_speed.py``), and the parameters of sparse embeddings (per-datapoint guides) get
-``torch.optim.SparseAdam``, which touches only the rows of the batch.
+:func:`fit` is a loop over epochs of seeded minibatches held on the training device; each batch is one
+:class:`~pvae.svi.SVIStep`. What else happens during a fit plugs in as a :class:`Callback`: the
+per-epoch evaluation of the train and test ELBO (:class:`EvaluateEpochs`), the run folder with its
+config, metrics and checkpoints (:class:`pvae.run.RunFolder`), latent-space snapshots, your own. The
+loop knows no file names.
 """
 
 import math
@@ -13,19 +13,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-import pyro
 import torch
-from pyro import poutine
-from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .data import Dataset, batches
-from .inference import KLWeight, batched, elbo_terms, inspect_programs, make_elbo
-from .metrics import MetricsWriter
-from .utils import rng_state, set_rng_state, set_seed, write_json
-
-CONFIG_JSON = "config.json"
+from .inference import ELBOS, KLWeight, batched, elbo_terms, make_elbo
+from .programs import Batch, Program, ProgramInfo, inspect_programs
+from .protocols import has_q_for
+from .svi import SVIStep, collect_params, make_optimizers, program_modules
+from .utils import set_seed
 
 
 @dataclass
@@ -38,18 +34,18 @@ class FitConfig:
     # SparseAdam's learning rate for per-datapoint parameters (a mean-field guide's tables): each row
     # takes one step per epoch, not one per batch, so it needs larger steps than the decoder's
     local_lr: float = 3e-2
-    elbo: str = "trace"  # "trace" (Trace_ELBO) or "analytic-kl" (TraceMeanField_ELBO)
+    elbo: str = "trace"  # "trace", "analytic-kl" or "enum" (see pvae.inference.make_elbo)
     num_particles: int = 1  # samples of z per datapoint and step, vectorized
     beta: float = 1.0  # weight of the KL term once warmed up: 1 is the ELBO, > 1 a beta-VAE
     kl_warmup_epochs: float = 0.0  # raise the KL weight linearly from 0 to beta over these epochs
-    seed: int = 0  # seeds Python, NumPy, torch and the batch order
+    seed: int = 0  # seeds Python, NumPy, torch, the guides' initial weights and the batch order
     eval_every: int = 1  # epochs between evaluations of the train and test ELBO terms; 0: never
     eval_train_size: int = 5000  # training datapoints those evaluations use
     eval_batch_size: int = 1000
     checkpoint_every: int = 1  # epochs between checkpoints (with a run folder); the last always
     progress: bool = True  # a progress bar per epoch and a line per epoch
     # Pyro's validation (argument, support, shape and NaN checks) in every training step too; off, only
-    # the first batch is checked (when validation is on, Pyro's default): the checks cost ~8% of a step
+    # the first step is checked (when validation is on, Pyro's default)
     validate: bool = False
 
     def __post_init__(self):
@@ -57,15 +53,57 @@ class FitConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("eval_every", "eval_train_size", "checkpoint_every", "kl_warmup_epochs"):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if not self.local_lr > 0:
-            raise ValueError(f"local_lr must be positive, got {self.local_lr}")
-        if not self.beta >= 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
-        make_elbo(self.elbo)  # names the choices if this one is unknown
+        for name in ("lr", "local_lr"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be positive and finite, got {getattr(self, name)}")
+        if not 0 <= self.beta < math.inf:
+            raise ValueError(f"beta must be >= 0 and finite, got {self.beta}")
+        if self.elbo not in ELBOS:
+            raise ValueError(f"unknown ELBO {self.elbo!r}: choose one of {', '.join(ELBOS)}")
+
+
+@dataclass
+class FitState:
+    """Where a fit stands: what callbacks read, and what a resumed run restores."""
+
+    model: Program
+    guide: Program
+    step: SVIStep
+    data: Dataset
+    config: FitConfig
+    info: ProgramInfo
+    generator: torch.Generator
+    history: list = field(default_factory=list)
+    epoch: int = 0  # epochs done
+    steps: int = 0
+    seconds: float = 0.0  # in training steps, evaluation excluded
+
+    @property
+    def num_data(self) -> int:
+        return self.data.train.shape[0]
+
+
+class Callback:
+    """Hooks of the fitting loop; each does nothing unless overridden."""
+
+    def on_fit_start(self, state: FitState) -> None: ...
+
+    def on_epoch_end(self, state: FitState, record: dict) -> None:
+        """After each epoch, in the order the callbacks were given: earlier ones may add to ``record``."""
+
+    def on_fit_end(self, state: FitState) -> None: ...
+
+
+class _EpochFunction(Callback):
+    """A plain function ``callback(record, model, guide)`` after every epoch."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def on_epoch_end(self, state, record):
+        self.fn(record, state.model.fn, state.guide.fn)
 
 
 @dataclass
@@ -78,6 +116,7 @@ class FitResult:
     run_dir: Optional[Path] = None
     seconds: float = 0.0  # time spent in training steps, evaluation excluded
     steps: int = 0
+    info: Optional[ProgramInfo] = None
 
     @property
     def final(self) -> dict:
@@ -92,191 +131,182 @@ def fit(
     out_dir=None,
     resume: bool = False,
     device=None,
+    callbacks: Sequence = (),
     run_config: Optional[dict] = None,
-    callbacks: Sequence[Callable] = (),
+    factory=None,
 ) -> FitResult:
     """Fit ``model`` and ``guide`` to ``data`` by SVI.
 
-    :param model: a Pyro program ``model(x, idx=None, num_data=None)`` with a ``"data"`` plate
-        (:func:`pvae.plate.data_plate`); its parameters are its own if it is an ``nn.Module``, and
-        any ``pyro.param`` it declares.
-    :param guide: the matching program for q(z | x). A guide with an attribute ``amortized = False``
-        (per-datapoint parameters) is evaluated on training rows only. A guide with a method
-        ``auxiliary_loss(elbo, x, idx, num_data)`` has the tensor it returns added to each step's
-        loss (not to the recorded ``train_loss``): the objective of parameters the ELBO does not
-        reach, such as a semi-amortized guide's encoder.
-    :param data: a :class:`~pvae.data.Dataset`, or an ``(N, P)`` tensor of training data.
-    :param out_dir: the run folder: ``config.json``, ``metrics.jsonl``, ``metrics.csv``,
-        ``checkpoint.pt``; None keeps everything in memory.
+    :param model: a Pyro program ``model(x, ...)`` whose datapoints are in a plate named ``"data"``
+        (see :mod:`pvae.programs`); parameters: its own if it is an ``nn.Module`` (or a bound method of
+        one), whatever it registers with ``pyro.module``, and any ``pyro.param``.
+    :param guide: the matching program for q(z | x), with the model's arguments; or one of
+        :mod:`pvae.guides`, built from the model.
+    :param data: a :class:`~pvae.data.Dataset` (with side inputs, passed to the programs' parameters of
+        their names), or an ``(N, ...)`` tensor of training data.
+    :param out_dir: the run folder (:class:`pvae.run.RunFolder`): ``config.json``, ``metrics.jsonl``,
+        ``metrics.csv``, ``checkpoint.pt``; None keeps everything in memory.
     :param resume: continue the run in ``out_dir`` from its checkpoint; it gives the same metrics as
         an uninterrupted run. ``config.epochs`` may be raised to train longer.
     :param device: where to train; by default the data's device. Data and parameters are moved there.
-    :param run_config: saved beside the fit config, so that a checkpoint can rebuild its own model
-        (the command line stores its data and architecture choices here).
-    :param callbacks: each called as ``callback(record, model, guide)`` after every epoch.
+    :param callbacks: :class:`Callback` s, or functions ``callback(record, model, guide)`` called after
+        every epoch.
+    :param run_config: saved in the run folder's config beside the fit config (the command line saves
+        its data and architecture choices here, from which ``pvae evaluate RUN`` rebuilds the run).
+    :param factory: how to rebuild the programs, saved with the run so that ``pvae evaluate RUN`` and
+        ``pvae compare RUN`` can: a function ``factory(data)`` returning the model or ``(model, guide)``,
+        or its ``"module:function"`` / ``"path/to/file.py:function"``.
 
-    Seeds every random generator from ``config.seed`` and clears Pyro's param store first; the
-    initial weights are the programs' own, so seed (:func:`pvae.set_seed`) before building them for
-    a run that repeats exactly.
+    Seeds every random generator from ``config.seed`` and clears Pyro's param store first; guides that
+    build their parameters at the first call (:mod:`pvae.guides`) build them then, from that seed.
     """
+    from .run import RunFolder, run_config_for
+
     config = config or FitConfig()
-    data = _as_dataset(data)
+    data = as_dataset(data)
     device = torch.device(device) if device is not None else data.train.device
-    run_dir = Path(out_dir) if out_dir is not None else None
-    checkpoint_path = run_dir / CHECKPOINT if run_dir is not None else None
-    if resume and (checkpoint_path is None or not checkpoint_path.is_file()):
-        raise FileNotFoundError(f"cannot resume: no {CHECKPOINT} in {run_dir}")
-    if not resume and checkpoint_path is not None and checkpoint_path.exists():
-        raise FileExistsError(
-            f"{run_dir} already holds a run; resume it, or choose another folder (nothing was overwritten)"
-        )
     _check_data_fits_likelihood(model, data)
 
     set_seed(config.seed)
     data = data.to(device)
+    model, guide = Program(model, "model"), Program(guide, "guide")
     for program in (model, guide):
-        if isinstance(program, nn.Module):
-            program.to(device)
-    num_data = data.train.shape[0]
+        for module in program_modules(program):
+            module.to(device)
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    dynamic = data.binarize == "dynamic"
-
-    # A fixed, binarized sample of training rows for the per-epoch train metrics.
-    eval_idx = torch.arange(min(config.eval_train_size, num_data), device=device)
-    eval_x = data.train[eval_idx]
-    if dynamic:
-        eval_x = torch.bernoulli(eval_x, generator=torch.Generator(device=device).manual_seed(config.seed + 1))
-
-    probe_x, probe_idx = eval_x[: config.batch_size], eval_idx[: config.batch_size]
-    programs = inspect_programs(model, guide, probe_x, probe_idx, num_data)
-    nesting = programs.plate_nesting
-    # Pyro's own ELBO where the guide needs score-function terms; the same objective, leaner, where not
-    elbo = make_elbo(config.elbo, config.num_particles, max(nesting, 1), reparameterized=programs.reparameterized)
-    kl_weight = KLWeight(config.beta)
+    probe = data.batch("train", torch.arange(min(config.batch_size, data.train.shape[0]), device=device))
+    if data.binarize == "dynamic":
+        probe = Batch(torch.bernoulli(probe.x, generator=torch.Generator(device=device).manual_seed(config.seed + 1)),
+                      probe.idx, probe.num_data, probe.inputs, probe.split)
+    # one run builds lazily set-up guides and checks the programs; it is the first step's validation too
+    info = inspect_programs(model, guide, probe)
+    params = collect_params(model, guide, probe)
+    modules = [m for p in (model, guide) for m in program_modules(p)]
     weighted = config.beta != 1.0 or config.kl_warmup_epochs > 0
-    model_fn, guide_fn = (kl_weight(model), kl_weight(guide)) if weighted else (model, guide)
+    step = SVIStep(
+        model, guide, make_elbo(config.elbo, config.num_particles, info),
+        make_optimizers(params, modules, config.lr, config.local_lr), params,
+        kl_weight=KLWeight(config.beta) if weighted else None, validate=config.validate,
+    )
+    state = FitState(model, guide, step, data, config, info, generator)
 
-    def loss_fn(xb, idx):
-        return elbo.differentiable_loss(model_fn, guide_fn, xb, idx, num_data)
-
-    # one step's loss on the first batch, under Pyro's global validation: the check FitConfig.validate keeps
-    params = _collect_params(model, guide, loss_fn, probe_x, probe_idx)
-    optimizers = _make_optimizers(model, guide, params, config.lr, config.local_lr)
-    # a guide may train parameters that the ELBO does not reach (a semi-amortized guide's encoder)
-    auxiliary_loss = getattr(guide, "auxiliary_loss", None)
-
-    history, epoch0, step, seconds = [], 0, 0, 0.0
-    if resume:
-        state = load_checkpoint(checkpoint_path, map_location="cpu")
-        _check_same_config(state["config"]["fit"], config)
-        _load_state(state, model, guide, optimizers, generator)
-        history, epoch0, step, seconds = state["history"], state["epoch"], state["step"], state["seconds"]
-    if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / CONFIG_JSON, {"fit": asdict(config), "run": run_config})
-        writer = MetricsWriter(run_dir)
-
-    steps_per_epoch = math.ceil(num_data / config.batch_size)
-    warmup_steps = config.kl_warmup_epochs * steps_per_epoch
-    test_x = data.test if getattr(guide, "amortized", True) and data.test.shape[0] else None
+    hooks = [EvaluateEpochs(config)] if config.eval_every else []
+    hooks += [c if isinstance(c, Callback) else _EpochFunction(c) for c in callbacks]
+    if out_dir is not None:
+        hooks.append(RunFolder(out_dir, resume, run_config if run_config is not None else run_config_for(data, factory)))
+    elif resume:
+        raise ValueError("resume needs out_dir, the run folder to continue")
+    for hook in hooks:
+        hook.on_fit_start(state)
     try:
-        for epoch in range(epoch0 + 1, config.epochs + 1):
-            _set_training(True, model, guide)
-            loss_sum = torch.zeros((), device=device)
-            start = time.perf_counter()
-            bar = tqdm(
-                batches(data.train, config.batch_size, generator, dynamic),
-                total=steps_per_epoch,
-                desc=f"epoch {epoch}/{config.epochs}",
-                disable=not config.progress,
-                leave=False,
-            )
-            for idx, xb in bar:
-                if warmup_steps:
-                    kl_weight.weight = config.beta * min(1.0, (step + 1) / warmup_steps)
-                with pyro.validation_enabled(config.validate):
-                    loss = loss_fn(xb, idx)
-                    if auxiliary_loss is None:
-                        loss.backward()
-                    else:
-                        (loss + auxiliary_loss(elbo, xb, idx, num_data)).backward()
-                for opt in optimizers:
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                loss_sum += loss.detach()
-                step += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            epoch_seconds = time.perf_counter() - start
-            seconds += epoch_seconds
-            record = {
-                "epoch": epoch,
-                "step": step,
-                "seconds": epoch_seconds,
-                "elapsed": seconds,
-                "kl_weight": kl_weight.weight if weighted else 1.0,
-                # the training objective per datapoint (-ELBO at KL weight 1), averaged over the epoch
-                "train_loss": loss_sum.item() / (steps_per_epoch * num_data),
-            }
-            if not math.isfinite(record["train_loss"]):
-                kept = f"; {checkpoint_path} keeps the last finite epoch" if checkpoint_path is not None else ""
-                raise FloatingPointError(
-                    f"the training loss became {record['train_loss']} in epoch {epoch}: lower the learning rate "
-                    f"(lr {config.lr}) or check the model's likelihood for values outside its support{kept}"
-                )
-            if config.eval_every and (epoch % config.eval_every == 0 or epoch == config.epochs):
-                _set_training(False, model, guide)
-                terms = {"train": (eval_x, eval_idx), "test": (test_x, None)}
-                for split, (x, idx) in terms.items():
-                    if x is not None:
-                        values = batched(
-                            lambda xb, ib: elbo_terms(model, guide, xb, ib, plate_nesting=nesting),
-                            x, config.eval_batch_size, idx,
-                        )
-                        record.update({f"{split}_{k}": v.mean().item() for k, v in values.items()})
-            history.append(record)
-            if config.progress:
-                tqdm.write(_summary(record))
-            for callback in callbacks:
-                callback(record, model, guide)
-            if run_dir is not None:
-                writer.write(history)
-                if epoch == config.epochs or (config.checkpoint_every and epoch % config.checkpoint_every == 0):
-                    save_checkpoint(checkpoint_path, {
-                        "format": 1,
-                        "epoch": epoch,
-                        "step": step,
-                        "seconds": seconds,
-                        "history": history,
-                        "config": {"fit": asdict(config), "run": run_config},
-                        "model": _state_dict(model),
-                        "guide": _state_dict(guide),
-                        "optimizers": [opt.state_dict() for opt in optimizers],
-                        "rng": rng_state(),
-                        "generator": generator.get_state(),
-                    })
+        _loop(state, hooks)
     finally:
-        if run_dir is not None:
-            writer.close()
-    _set_training(False, model, guide)
-    return FitResult(model, guide, history, run_dir, seconds, step)
+        for hook in hooks:
+            hook.on_fit_end(state)
+    for module in modules:
+        module.eval()
+    return FitResult(model.fn, guide.fn, state.history, Path(out_dir) if out_dir is not None else None,
+                     state.seconds, state.steps, info)
 
 
-def _as_dataset(data) -> Dataset:
+def _loop(state: FitState, hooks: list) -> None:
+    config, step = state.config, state.step
+    device = state.data.train.device
+    steps_per_epoch = math.ceil(state.num_data / config.batch_size)
+    warmup_steps = config.kl_warmup_epochs * steps_per_epoch
+    modules = [m for p in (state.model, state.guide) for m in program_modules(p)]
+    for epoch in range(state.epoch + 1, config.epochs + 1):
+        for module in modules:
+            module.train()
+        loss_sum = torch.zeros((), device=device)
+        start = time.perf_counter()
+        bar = tqdm(batches(state.data, config.batch_size, state.generator), total=steps_per_epoch,
+                   desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress, leave=False)
+        for batch in bar:
+            if warmup_steps:
+                step.kl_weight.weight = config.beta * min(1.0, (state.steps + 1) / warmup_steps)
+            loss_sum += step(batch)
+            state.steps += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        state.seconds += seconds
+        state.epoch = epoch
+        record = {
+            "epoch": epoch,
+            "step": state.steps,
+            "seconds": seconds,
+            "elapsed": state.seconds,
+            "kl_weight": step.kl_weight.weight if step.kl_weight is not None else 1.0,
+            # the training objective per datapoint (-ELBO at this KL weight), averaged over the epoch
+            "train_loss": loss_sum.item() / (steps_per_epoch * state.num_data),
+        }
+        if not math.isfinite(record["train_loss"]):
+            raise FloatingPointError(
+                f"the training loss became {record['train_loss']} in epoch {epoch}: lower the learning rate "
+                f"(lr {config.lr}) or check the model's likelihood for values outside its support"
+            )
+        for module in modules:
+            module.eval()
+        state.history.append(record)  # hooks add to the record in place
+        for hook in hooks:
+            hook.on_epoch_end(state, record)
+        if config.progress:
+            tqdm.write(_summary(record))
+
+
+class EvaluateEpochs(Callback):
+    """The ELBO and its parts on a fixed sample of training rows and on the test split, every
+    ``eval_every`` epochs and after the last, added to the epoch's record as ``train_elbo``,
+    ``test_recon``, ... (per datapoint; with global latent sites ``train_elbo`` includes the global KL's
+    share, ``global_kl / N``, so that it is the negated training objective at KL weight 1). A guide with
+    no q for held-out data (mean-field) gets the train terms only."""
+
+    def __init__(self, config: FitConfig):
+        self.config = config
+
+    def on_fit_start(self, state):
+        config, device = self.config, state.data.train.device
+        rows = torch.arange(min(config.eval_train_size, state.num_data), device=device)
+        batch = state.data.batch("train", rows)
+        if state.data.binarize == "dynamic":  # one fixed binary draw, so that epochs compare
+            g = torch.Generator(device=device).manual_seed(config.seed + 1)
+            batch = Batch(torch.bernoulli(batch.x, generator=g), batch.idx, batch.num_data, batch.inputs, batch.split)
+        self.splits = {"train": batch}
+        if state.data.test.shape[0] and has_q_for(state.guide.fn, "test"):
+            self.splits["test"] = state.data.batch("test")
+
+    def on_epoch_end(self, state, record):
+        epoch, every = record["epoch"], self.config.eval_every
+        if epoch % every and epoch != self.config.epochs:
+            return
+        for split, batch in self.splits.items():
+            terms = batched(lambda b: elbo_terms(state.model, state.guide, b, info=state.info), batch,
+                            self.config.eval_batch_size)
+            global_kl = terms.pop("global_kl")
+            for key, value in terms.items():
+                record[f"{split}_{key}"] = value.mean().item()
+            if state.info.global_:
+                record[f"{split}_global_kl"] = global_kl.item()
+                if split == "train":
+                    record["train_elbo"] -= global_kl.item() / state.num_data
+
+
+def as_dataset(data) -> Dataset:
+    """A :class:`~pvae.data.Dataset` from ``data`` (or a tensor: its training split), checked."""
     if torch.is_tensor(data):
-        if data.dim() != 2:
-            raise ValueError(f"training data must be (N, P), got shape {tuple(data.shape)}")
-        empty = data[:0]
-        data = Dataset("tensor", (data.shape[1],), data, empty, empty)
+        if data.dim() < 2:
+            raise ValueError(f"training data must have one row per datapoint, (N, ...), got shape {tuple(data.shape)}")
+        data = Dataset.from_tensors(data)
     if not isinstance(data, Dataset):
         raise TypeError(f"data must be a pvae.data.Dataset or a tensor, not {type(data).__name__}")
     if data.train.shape[0] == 0:
         raise ValueError(f"data set {data.name!r} has no training datapoints")
     for split in ("train", "val", "test"):
-        x = getattr(data, split)
+        x = data.split(split)[0]
         # a finite sum proves every value finite (NaN and inf propagate); only an overflowing sum
         # needs the elementwise look, ten times slower
-        if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+        if x.is_floating_point() and not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
             raise ValueError(f"the {split} split of {data.name!r} holds NaN or infinite values")
     return data
 
@@ -292,72 +322,6 @@ def _check_data_fits_likelihood(model, data: Dataset) -> None:
         )
 
 
-def _collect_params(model, guide, loss_fn, x, idx) -> list:
-    """Every trainable tensor: the programs' own ``nn.Module`` parameters and every ``pyro.param``."""
-    with poutine.trace(param_only=True) as capture, torch.no_grad():
-        loss_fn(x, idx)
-    found = [site["value"].unconstrained() for site in capture.trace.nodes.values()]
-    for program in (model, guide):
-        if isinstance(program, nn.Module):
-            found.extend(program.parameters())
-    unique = {id(p): p for p in found if p.requires_grad}
-    if not unique:
-        raise ValueError("the model and guide have no trainable parameters")
-    return list(unique.values())
-
-
-def _make_optimizers(model, guide, params, lr, local_lr=None) -> list:
-    """Adam for dense parameters; SparseAdam for sparse embeddings (per-datapoint guides), whose
-    steps touch only the rows of the batch and keep Adam moments per row."""
-    sparse_ids = {
-        id(m.weight)
-        for program in (model, guide)
-        if isinstance(program, nn.Module)
-        for m in program.modules()
-        if isinstance(m, nn.Embedding) and m.sparse
-    }
-    dense = [p for p in params if id(p) not in sparse_ids]
-    sparse = [p for p in params if id(p) in sparse_ids]
-    optimizers = []
-    if dense:
-        # fused: one kernel per step instead of a pass per Adam operation and parameter (~3x faster on CPU)
-        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in dense) or None
-        optimizers.append(torch.optim.Adam(dense, lr=lr, fused=fused))
-    if sparse:
-        optimizers.append(torch.optim.SparseAdam(sparse, lr=lr if local_lr is None else local_lr))
-    return optimizers
-
-
-def _set_training(mode: bool, *programs) -> None:
-    for program in programs:
-        if isinstance(program, nn.Module):
-            program.train(mode)
-
-
-def _state_dict(program) -> dict:
-    return program.state_dict() if isinstance(program, nn.Module) else {}
-
-
-def _load_state(state, model, guide, optimizers, generator) -> None:
-    for program, key in ((model, "model"), (guide, "guide")):
-        if isinstance(program, nn.Module):
-            program.load_state_dict(state[key])
-    if len(state["optimizers"]) != len(optimizers):
-        raise ValueError("the checkpoint's optimizers do not match this model and guide")
-    for opt, opt_state in zip(optimizers, state["optimizers"]):
-        opt.load_state_dict(opt_state)
-    set_rng_state(state["rng"])
-    generator.set_state(state["generator"])
-
-
-def _check_same_config(saved: dict, config: FitConfig) -> None:
-    now = asdict(config)
-    differ = [k for k in now if k not in ("epochs", "progress", "validate") and saved.get(k) != now[k]]
-    if differ:
-        pairs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in differ)
-        raise ValueError(f"cannot resume with a different fit config ({pairs}); only epochs may change")
-
-
 def _summary(record: dict) -> str:
     parts = [f"epoch {record['epoch']:4d}", f"loss {record['train_loss']:.3f}"]
     for key in ("train_elbo", "test_elbo", "test_kl"):
@@ -365,3 +329,4 @@ def _summary(record: dict) -> str:
             parts.append(f"{key} {record[key]:.3f}")
     parts.append(f"{record['seconds']:.2f}s")
     return "  ".join(parts)
+

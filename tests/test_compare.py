@@ -11,16 +11,19 @@ KL(q || p(z|x)) = 1/2 (tr(Lambda S) + (m - mu)^T Lambda (m - mu) - D - log det L
 """
 
 import json
+import math
 
 import pytest
 import torch
 from helpers import assert_close
 
 from pvae import cli
-from pvae.compare import CREMER_2018, CompareConfig, Comparison, Estimate, compare_inference, optimize_mean_field
-from pvae.guides import mlp_guide
-from pvae.guides.mean_field import inverse_softplus
+from pvae.compare import CompareConfig, Comparison, compare_inference, optimize_local
+from pvae.estimate import Estimate
+from pvae.guides import LocalFamily, inverse_softplus, mlp_guide, model_sites
 from pvae.models import LinearGaussian
+from pvae.reports import CREMER_2018, comparison_markdown, comparison_table, cremer_reference
+from pvae.run import write_comparison
 
 P, D, SIGMA = 6, 3, 0.5
 # the optimization stops on a plateau of a noisy bound: q* ends within about 1e-3 nats of its
@@ -58,7 +61,7 @@ def linear_encoder(model, perturbation: float = 0.0):
     W, s2 = model.linear.weight, model.sigma**2
     _, precision = model.posterior(torch.zeros(1, P))
     with torch.no_grad():
-        layer = guide.encoder[0]
+        layer = guide.head
         layer.weight[:D] = torch.linalg.solve(precision, W.T / s2)  # mu(x) = Lambda^-1 W^T x / sigma^2
         layer.weight[D:] = 0.0
         layer.bias[:D] = 0.0
@@ -85,8 +88,8 @@ def test_q_star_reaches_the_exact_mean_field_optimum():
     within 5% of each posterior standard deviation (measured errors: about 2%)."""
     model, x = linear_gaussian(correlated_W(), 20)
     mean, precision = model.posterior(x)
-    q_star, steps = optimize_mean_field(model, x, num_particles=100)
-    loc, scale = q_star.local_params(torch.arange(20))
+    q_star, steps = optimize_local(model, x, LocalFamily(model_sites(model, x)), num_particles=100)
+    loc, scale = q_star["z"]["loc"], q_star["z"]["scale"]
     optimal_scale = precision.diag().rsqrt().expand_as(scale)
     assert steps < 3000, "the bound never stopped improving"
     assert_close(loc, mean, atol=0.05 * optimal_scale.min().item(), msg="q* means")
@@ -132,16 +135,27 @@ def test_comparison_round_trips_and_writes_its_table(tmp_path):
                         approximation_gap=Estimate(0.2, 0.01), elbo_q=est, amortization_gap=Estimate(0.3, 0.02),
                         inference_gap=Estimate(0.5, 0.02), elbo_q_k={5: Estimate(-24.4, 0.2)},
                         gap_q_k={5: Estimate(0.4, 0.02)}, settings={"split": "test"})
-    again = Comparison.from_dict(json.loads(result.to_json()))
+    again = Comparison.from_dict(json.loads(json.dumps(result.to_dict())))
     assert again == result
-    table, markdown = result.table(), result.to_markdown()
+    table, markdown = comparison_table(result, CREMER_2018), comparison_markdown(result, CREMER_2018)
     for text in (table, markdown):
         assert "-24.50 ± 0.25" in text and "L[q_K], K=5" in text
         assert f"{CREMER_2018['approximation_gap']:.2f}" in text and f"{CREMER_2018['amortization_gap']:.2f}" in text
     assert "pvae train" in markdown  # the command that reproduces Cremer et al.'s setting
-    paths = result.write(tmp_path, "compare-test")
+    # their figures stand beside ours only where the setting is theirs
+    assert "Cremer" not in comparison_table(result, None)
+    assert cremer_reference({"dataset": "digits", "binarize": "dynamic"}) is None
+    assert cremer_reference({"dataset": "/usr/share/datasets/fashion-mnist", "binarize": "threshold", "latent_dim": 50,
+                             "hidden": [200, 200], "activation": "elu", "likelihood": "bernoulli", "model": "mlp"})
+    paths = write_comparison(tmp_path, result, "compare-test", reference=None)
     assert [p.name for p in paths] == ["compare-test.json", "compare-test.md", "compare-test.png"]
     assert json.loads(paths[0].read_text())["amortization_gap"] == {"mean": 0.3, "se": 0.02}
+
+
+def test_one_datapoint_has_no_standard_error():
+    est = Estimate.of(torch.tensor([1.5]))
+    assert est.mean == 1.5 and math.isnan(est.se) and str(est) == "1.50"
+    assert Estimate.from_dict(json.loads(json.dumps({"mean": 1.5, "se": None}))).mean == 1.5
 
 
 def test_pvae_compare_on_trained_runs(tmp_path, capsys):

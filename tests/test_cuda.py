@@ -28,7 +28,7 @@ def test_fit_on_cuda_keeps_everything_on_the_device_and_resumes(tmp_path):
     x = data.test[:20].to(device)
     assert iwae_bound(model, guide, x, num_samples=50, chunk_size=20).device.type == "cuda"
     state = load_checkpoint(tmp_path)
-    assert state["model"]["decoder.0.weight"].device.type == "cpu"  # loaded to CPU, portable
+    assert state["programs"]["modules"]["model"][0]["decoder.0.weight"].device.type == "cpu"  # loaded to CPU, portable
     config.epochs = 3
     resumed = pvae.fit(model, guide, data, config, out_dir=tmp_path, resume=True, device=device)
     assert len(resumed.history) == 3

@@ -1,11 +1,12 @@
 import gzip
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from helpers import assert_close
 
-from pvae.data import IDX_FILES, batches, load_dataset, read_idx
+from pvae.data import IDX_FILES, Dataset, batches, load_dataset, read_idx
 
 
 def write_idx(path, array: np.ndarray, gz: bool = False):
@@ -103,19 +104,33 @@ def test_binarizations():
     assert set(dynamic.test.unique().tolist()) == {0.0, 1.0}, "test images are binarized once"
 
 
-def test_batches_cover_every_row_once_and_dynamic_draws_change():
-    x = torch.rand(10, 4)
+def test_batches_cover_every_row_once_with_their_side_inputs_and_dynamic_draws_change():
+    x, y = torch.rand(10, 4), torch.arange(10) * 7
+    data = Dataset.from_tensors(x, inputs={"y": y})
     g = torch.Generator().manual_seed(0)
-    seen = list(batches(x, 3, g))
-    assert [len(i) for i, _ in seen] == [3, 3, 3, 1]
-    idx = torch.cat([i for i, _ in seen])
+    seen = list(batches(data, 3, g))
+    assert [len(b) for b in seen] == [3, 3, 3, 1]
+    idx = torch.cat([b.idx for b in seen])
     assert sorted(idx.tolist()) == list(range(10))
-    for i, xb in seen:
-        assert torch.equal(xb, x[i])
-    first = torch.cat([xb for _, xb in batches(x, 10, torch.Generator().manual_seed(0), dynamic_binarize=True)])
-    second = torch.cat([xb for _, xb in batches(x, 10, torch.Generator().manual_seed(1), dynamic_binarize=True)])
+    for b in seen:
+        assert torch.equal(b.x, x[b.idx]) and torch.equal(b.inputs["y"], y[b.idx])
+        assert b.num_data == 10 and b.split == "train"
+    dynamic = replace(data, binarize="dynamic")
+    first = torch.cat([b.x for b in batches(dynamic, 10, torch.Generator().manual_seed(0))])
+    second = torch.cat([b.x for b in batches(dynamic, 10, torch.Generator().manual_seed(1))])
     assert set(first.unique().tolist()) <= {0.0, 1.0}
     assert not torch.equal(first, second)
+
+
+def test_each_split_carries_its_own_side_inputs():
+    """The test rows' labels go with the test batch, never the training rows' of the same positions."""
+    data = load_dataset("digits", binarize="static", labels_as="y")
+    test = data.batch("test", slice(0, 50))
+    assert torch.equal(test.inputs["y"], data.test_labels[:50])
+    assert not torch.equal(test.inputs["y"], data.train_labels[:50])
+    assert data.source["labels_as"] == "y"
+    with pytest.raises(ValueError, match="one row per datapoint"):
+        Dataset.from_tensors(torch.zeros(5, 2), inputs={"y": torch.zeros(4)})
 
 
 def test_frey_faces_from_a_mat_file(tmp_path):

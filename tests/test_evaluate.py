@@ -17,9 +17,11 @@ from helpers import assert_close
 from torch import nn
 
 from pvae.cli import main
-from pvae.evaluate import Evaluation, evaluate, import_arviz, psis_khat, to_inference_data
+from pvae.evaluate import KHAT_FLAGS, Evaluation, evaluate, import_arviz, psis_khat, to_inference_data
+from pvae.programs import Batch
+from pvae.reports import evaluation_markdown
 from pvae.models import LinearGaussian, mlp_vae
-from pvae.plate import data_plate
+from pvae.programs import data_plate
 
 
 class PosteriorGuide(nn.Module):
@@ -90,7 +92,7 @@ def linear_gaussian(num_data=60, num_pixels=5, latent_dim=2, sigma=0.8, seed=0):
 def test_exact_posterior_guide_gives_exact_log_px_whatever_the_chunks():
     """With q(z|x) = p(z|x) every log-weight is log p(x): the bound, the ELBO and every chunking of
     K = 50 (7 chunks of 7 and one of 1) give it to float precision, the gap is 0 and PSIS finds
-    constant ratios (k̂ = -inf, below 0.5)."""
+    constant ratios: no tail to fit, k̂ flagged rather than an infinity."""
     model, x = linear_gaussian()
     exact = model.log_prob(x)
     for chunk_size in (7, 50):
@@ -98,8 +100,9 @@ def test_exact_posterior_guide_gives_exact_log_px_whatever_the_chunks():
         assert_close(ev.per_datapoint["log_px"], exact, atol=1e-4, msg=f"log p̂(x), chunks of {chunk_size}")
         assert_close(ev.per_datapoint["elbo"], exact, atol=1e-4, msg="ELBO")
         assert_close(ev.summary()["gap"].mean, 0.0, atol=1e-5)
-        assert (ev.per_datapoint["khat"] == -math.inf).all()
-        assert ev.summary()["khat_above_0.5"].mean == 0.0
+        assert np.isnan(ev.per_datapoint["khat"]).all()
+        assert ev.khat_flags() == {KHAT_FLAGS[1]: 60}
+        assert "khat_above_0.5" not in ev.summary()
 
 
 def test_log_px_converges_to_the_exact_log_px_as_k_grows():
@@ -215,11 +218,18 @@ def test_psis_khat_with_the_real_arviz_stats_agrees_with_arviz_0():
     assert_close(array_stats.psislw(-lr, axis=-1)[1], az.psislw(lr)[1], atol=0.05)
 
 
-def test_psis_khat_calls_constant_ratios_minus_infinity_and_nan_ratios_nan():
-    lr = np.stack([np.full(100, -3.0), np.full(100, -3.0) + 1e-10 * np.arange(100), np.full(100, np.nan)])
-    khat = psis_khat(lr)
-    assert khat[0] == khat[1] == -math.inf
-    assert math.isnan(khat[2])
+def test_psis_khat_flags_what_has_no_tail_rather_than_return_an_infinity():
+    """Constant ratios (exact posterior), a discrete guide's few distinct ratios, NaN and +inf ratios:
+    NaN with their reason. Zero ratios (-inf) are left out of a fit that still happens."""
+    rng = np.random.default_rng(0)
+    with_zeros = rng.normal(size=100)
+    with_zeros[:10] = -np.inf
+    lr = np.stack([np.full(100, -3.0), np.full(100, -3.0) + 1e-10 * np.arange(100), np.full(100, np.nan),
+                   np.repeat([-1.0, -2.0, -3.0], [40, 30, 30]), np.r_[np.inf, rng.normal(size=99)], with_zeros])
+    khat, flags = psis_khat(lr, return_flags=True)
+    assert flags.tolist() == [1, 1, 3, 2, 3, 0]
+    assert np.isnan(khat[:5]).all() and np.isfinite(khat[5])
+    assert_close(khat[5], psis_khat(with_zeros[10:]), atol=1e-12, msg="zero ratios left out")
 
 
 # ----------------------------------------------------------------------------- chunks
@@ -314,14 +324,14 @@ def test_evaluation_summary_json_and_markdown():
     assert_close(s["nll"].mean, -log_px.mean(), atol=1e-12)
     assert_close(s["bits_per_dim"].mean, -log_px.mean() / (5 * math.log(2)), atol=1e-12)
     assert_close(s["elbo_analytic"].mean, s["recon"].mean - s["kl_analytic"].mean, atol=1e-9)
-    d = json.loads(ev.to_json())
+    d = json.loads(json.dumps(ev.to_dict()))
     assert d["info"] == {"split": "test"} and d["num_datapoints"] == 40 and d["num_samples"] == 100
     assert_close(d["log_px"], s["log_px"].mean, atol=1e-12)
     assert_close(d["nll_se"], s["nll"].se, atol=1e-12)
     back = Evaluation.from_dict(d)
     for name, est in back.summary().items():
         assert_close([est.mean, est.se], [s[name].mean, s[name].se], atol=1e-12, msg=name)
-    md = ev.to_markdown()
+    md = evaluation_markdown(ev)
     assert f"| log p̂(x), importance-weighted bound | {s['log_px'].mean:.4f} | {s['log_px'].se:.4f} |" in md
     assert "Active units: 2 of 2" in md and "| z[1] |" in md
 
@@ -333,7 +343,7 @@ def test_to_inference_data_holds_the_guide_draws_of_the_chosen_datapoints():
     model, x = linear_gaussian(num_data=10)
     chosen = torch.tensor([2, 5, 7])
     guide = PosteriorGuide(model, full=False)
-    idata = to_inference_data(guide, x[chosen], idx=chosen, num_samples=2000)
+    idata = to_inference_data(guide, Batch.of(x[chosen], chosen, 10), num_samples=2000)
     z = idata.posterior["z"]
     assert z.dims == ("chain", "draw", "datapoint", "z_dim_0") and z.shape == (1, 2000, 3, 2)
     assert z.coords["datapoint"].values.tolist() == [2, 5, 7]
@@ -344,7 +354,7 @@ def test_to_inference_data_holds_the_guide_draws_of_the_chosen_datapoints():
     assert_close(draws.std(0), sd.expand(3, 2), rtol=0.1)
     table = az.summary(idata, kind="stats")
     assert_close(table.loc["z[5, 1]", "mean"], draws[:, 1, 1].mean(), atol=1e-3)
-    other = to_inference_data(PosteriorGuide(model, full=False, scale=2.0), x[chosen], idx=chosen, num_samples=200)
+    other = to_inference_data(PosteriorGuide(model, full=False, scale=2.0), Batch.of(x[chosen], chosen, 10), num_samples=200)
     axes = az.plot_density([idata, other], data_labels=["posterior", "wide"], var_names=["z"])
     assert np.asarray(axes).size == 6  # one panel per datapoint and dimension
     import matplotlib.pyplot as plt

@@ -7,9 +7,11 @@ import torch
 from helpers import assert_close
 
 from pvae.guides import mlp_guide
-from pvae.inference import KLWeight, ReparamELBO, elbo_terms, iwae_bound, log_weights, make_elbo, reparameterized
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+
+from pvae.inference import KLWeight, ReparamELBO, elbo_terms, iwae_bound, log_weights, make_elbo
 from pvae.models import LinearGaussian, mlp_vae
-from pvae.plate import data_plate
+from pvae.programs import Batch, Program, data_plate, inspect_programs
 
 
 def test_analytic_gaussian_kl_matches_monte_carlo():
@@ -62,18 +64,19 @@ def test_reparam_elbo_equals_pyros_elbo_in_value_and_gradient(name, num_particle
     """The lean objective fit uses against Trace_ELBO / TraceMeanField_ELBO on the same draws, with
     a subsampled, scaled plate and a KL weight."""
     model, guide = mlp_vae(12, 3, (8,)), mlp_guide(12, 3, (8,))
-    x = torch.bernoulli(torch.full((10, 12), 0.4))
-    idx = torch.arange(10, 20)
+    batch = Batch.of(torch.bernoulli(torch.full((10, 12), 0.4)), torch.arange(10, 20), 100)
     weight = KLWeight(0.3)
     params = [*model.parameters(), *guide.parameters()]
+    info = inspect_programs(model, guide, batch)
+    pyro_elbo = {"trace": Trace_ELBO, "analytic-kl": TraceMeanField_ELBO}[name]
     results = []
-    for reparam in (False, True):
-        elbo = make_elbo(name, num_particles, 1, reparameterized=reparam)
+    for elbo in (pyro_elbo(num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1),
+                 make_elbo(name, num_particles, info)):
         torch.manual_seed(3)
-        loss = elbo.differentiable_loss(weight(model), weight(guide), x, idx, 100)
+        loss = elbo.differentiable_loss(weight(Program(model)), weight(Program(guide)), batch)
         results.append((loss, torch.autograd.grad(loss, params)))
     (pyro_loss, pyro_grads), (ours, our_grads) = results
-    assert isinstance(make_elbo(name, reparameterized=True), ReparamELBO)
+    assert isinstance(make_elbo(name, num_particles, info), ReparamELBO)
     assert_close(ours, pyro_loss, rtol=1e-6)
     for ours_g, pyro_g in zip(our_grads, pyro_grads):
         assert_close(ours_g, pyro_g, atol=1e-5, rtol=1e-5)
@@ -90,5 +93,6 @@ def test_guides_with_discrete_latents_are_not_served_by_the_reparam_elbo():
             pyro.sample("c", dist.Bernoulli(x.new_full((x.shape[0],), 0.3)))
 
     x = torch.randn(5, 2)
-    assert not reparameterized(model, guide, x, None, None)
-    assert reparameterized(mlp_vae(2, 1, (4,), likelihood="gaussian"), mlp_guide(2, 1, (4,)), x, None, None)
+    assert not inspect_programs(model, guide, x).reparameterized
+    assert not isinstance(make_elbo("trace", 1, inspect_programs(model, guide, x)), ReparamELBO)
+    assert inspect_programs(mlp_vae(2, 1, (4,), likelihood="gaussian"), mlp_guide(2, 1, (4,)), x).reparameterized

@@ -9,11 +9,13 @@ from helpers import assert_close
 
 from pvae import cli
 from pvae.data import load_dataset
-from pvae.guides import MeanFieldGuide, SemiAmortizedGuide, gaussian_guide, mlp_guide, refine
+from pvae.guides import ParamsGuide, SemiAmortizedGuide, mean_field_guide, mlp_guide, refine
 from pvae.inference import elbo_terms, log_weights, make_elbo
 from pvae.metrics import read_metrics
 from pvae.models import mlp_vae
-from pvae.train import FitConfig, _make_optimizers, fit
+from pvae.programs import Batch, Program, ProgramError
+from pvae.svi import make_optimizers
+from pvae.train import FitConfig, fit
 
 
 @pytest.fixture(scope="module")
@@ -21,25 +23,36 @@ def digits():
     return load_dataset("digits", binarize="static")
 
 
+def rows(idx, num_data=10):
+    return Batch.of(torch.zeros(len(idx), 5), idx, num_data)
+
+
 def test_local_params_are_set_and_read_back():
-    guide = MeanFieldGuide(10, 3, init_scale=0.5)
+    guide = mean_field_guide(10, 3, init_scale=0.5)
     idx = torch.tensor([7, 2])
-    loc, scale = guide.local_params(idx)
+
+    def read(idx):
+        p = guide.local_params(rows(idx))["z"]
+        return p["loc"], p["scale"]
+
+    loc, scale = read(idx)
     assert_close(loc, 0.0, msg="initial means")
     assert_close(scale, 0.5, atol=1e-6, msg="initial scales")
-    guide.set_local_params(torch.tensor([[1.0, -2.0, 3.0], [0.5, 0.0, 0.1]]),
-                           torch.tensor([[0.2, 1.0, 3.0], [1e-3, 0.7, 2.0]]), idx)
-    loc, scale = guide.local_params(idx)
+    guide.set_local_params({"z": {"loc": torch.tensor([[1.0, -2.0, 3.0], [0.5, 0.0, 0.1]]),
+                                  "scale": torch.tensor([[0.2, 1.0, 3.0], [1e-3, 0.7, 2.0]])}}, idx)
+    loc, scale = read(idx)
     assert_close(loc, [[1.0, -2.0, 3.0], [0.5, 0.0, 0.1]], rtol=1e-6, msg="float32 means")
     assert_close(scale, [[0.2, 1.0, 3.0], [1e-3, 0.7, 2.0]], rtol=1e-5)
-    assert_close(guide.local_params(torch.tensor([0]))[1], 0.5, atol=1e-6, msg="other rows untouched")
+    assert_close(read(torch.tensor([0]))[1], 0.5, atol=1e-6, msg="other rows untouched")
 
 
-def test_a_batch_without_idx_must_be_the_whole_data_set():
-    guide = MeanFieldGuide(10, 2)
-    with pytest.raises(ValueError, match="holds 10 datapoints but got a batch of 4 without idx"):
+def test_a_batch_of_another_split_or_size_is_refused():
+    guide = mean_field_guide(10, 2)
+    with pytest.raises(ProgramError, match="holds 10 datapoints but got rows of a split of 4"):
         guide(torch.zeros(4, 5))
-    guide(torch.zeros(4, 5), torch.tensor([0, 3, 5, 9]), 10)  # with its rows it runs
+    with pytest.raises(ProgramError, match="for the train rows only and has none for the test split"):
+        guide(Batch.of(torch.zeros(4, 5), torch.tensor([0, 3, 5, 9]), 10, split="test"))
+    guide(torch.zeros(4, 5), idx=torch.tensor([0, 3, 5, 9]), num_data=10)  # with its rows it runs
 
 
 def test_a_step_updates_only_the_batch_rows_with_lazy_adam_moments():
@@ -47,17 +60,17 @@ def test_a_step_updates_only_the_batch_rows_with_lazy_adam_moments():
     bit for bit: in particular A's rows in step 2, whose Adam moments are not zero. A dense Adam
     would move them (its moments decay and still push), and so would any weight decay."""
     num_data, latent_dim = 40, 3
-    model, guide = mlp_vae(8, latent_dim, (16,)), MeanFieldGuide(num_data, latent_dim)
+    model, guide = mlp_vae(8, latent_dim, (16,)), mean_field_guide(num_data, latent_dim)
     x = torch.bernoulli(torch.full((num_data, 8), 0.4))
     params = [*model.parameters(), *guide.parameters()]
-    optimizers = _make_optimizers(model, guide, params, lr=1e-3, local_lr=0.05)
+    optimizers = make_optimizers(params, [model, guide], lr=1e-3, local_lr=0.05)
     sparse_adam = optimizers[-1]
     assert isinstance(sparse_adam, torch.optim.SparseAdam)
-    elbo = make_elbo("trace", 1, 1)
-    tables = (guide.loc.weight, guide.raw_scale.weight)
+    elbo = make_elbo("trace", 1)
+    tables = (guide.table.weight,)
 
     def step(idx):
-        loss = elbo.differentiable_loss(model, guide, x[idx], idx, num_data)
+        loss = elbo.differentiable_loss(Program(model), Program(guide), Batch.of(x[idx], idx, num_data))
         loss.backward()
         for opt in optimizers:
             opt.step()
@@ -83,23 +96,23 @@ def test_a_step_updates_only_the_batch_rows_with_lazy_adam_moments():
 
 
 def test_a_million_rows_of_50_dimensions_take_one_step_in_o_nd_memory():
-    """The issue's scale: two tables (loc, raw scale) and SparseAdam's two moments of each are
+    """A million rows: one table of (loc, raw scale) per row and SparseAdam's two moments of it are
     6 N D floats (1.1 GiB) and no other state of size N is kept; one step moves the batch's rows only."""
     num_data, latent_dim, batch = 1_000_000, 50, 128
-    model, guide = mlp_vae(8, latent_dim, (16,)), MeanFieldGuide(num_data, latent_dim)
-    optimizers = _make_optimizers(model, guide, [*model.parameters(), *guide.parameters()], lr=1e-3)
+    model, guide = mlp_vae(8, latent_dim, (16,)), mean_field_guide(num_data, latent_dim)
+    optimizers = make_optimizers([*model.parameters(), *guide.parameters()], [model, guide], lr=1e-3)
     idx = torch.randperm(num_data)[:batch]
     x = torch.bernoulli(torch.full((batch, 8), 0.5))
-    loc_before = guide.loc.weight.detach().clone()
-    make_elbo("trace", 1, 1).differentiable_loss(model, guide, x, idx, num_data).backward()
-    assert guide.loc.weight.grad.is_sparse and guide.loc.weight.grad._nnz() == batch
+    table = guide.table.weight
+    before = table.detach().clone()
+    make_elbo("trace", 1).differentiable_loss(Program(model), Program(guide), Batch.of(x, idx, num_data)).backward()
+    assert table.grad.is_sparse and table.grad._nnz() == batch
     for opt in optimizers:
         opt.step()
-    tables = (guide.loc.weight, guide.raw_scale.weight)
     state = optimizers[-1].state
-    floats = sum(t.numel() for t in tables) + sum(state[t][k].numel() for t in tables for k in ("exp_avg", "exp_avg_sq"))
+    floats = table.numel() + sum(state[table][k].numel() for k in ("exp_avg", "exp_avg_sq"))
     assert floats == 6 * num_data * latent_dim
-    moved = (guide.loc.weight.detach() != loc_before).any(dim=1)
+    moved = (table.detach() != before).any(dim=1)
     assert torch.equal(moved.nonzero().flatten().sort().values, idx.sort().values)
 
 
@@ -108,15 +121,14 @@ def test_mean_field_training_on_digits_improves_the_elbo(digits):
     (measured: from about -46 to -31)."""
     torch.manual_seed(0)
     model = mlp_vae(digits.num_pixels, 2, (64,))
-    guide = MeanFieldGuide(digits.train.shape[0], 2)
+    guide = mean_field_guide(digits.train.shape[0], 2)
     result = fit(model, guide, digits, FitConfig(epochs=12, progress=False, eval_every=1))
     elbos = [r["train_elbo"] for r in result.history]
     assert "test_elbo" not in result.final, "a mean-field guide has no q for held-out data"
     assert elbos[-1] > elbos[0] + 10, elbos
     # what fit recorded is the ELBO of the fitted guide on the first training rows
     torch.manual_seed(1)
-    idx = torch.arange(1000)
-    again = elbo_terms(model, guide, digits.train[idx], idx, num_particles=100)["elbo"].mean()
+    again = elbo_terms(model, guide, digits.batch("train", slice(0, 1000)), num_particles=100)["elbo"].mean()
     assert_close(again, elbos[-1], atol=0.5, msg="recorded train ELBO")
 
 
@@ -139,11 +151,11 @@ def test_refinement_raises_the_bound_for_small_steps(digits, lr):
     model, encoder = mlp_vae(digits.num_pixels, 4, (64,)), mlp_guide(digits.num_pixels, 4, (64,))
     fit(model, encoder, digits, FitConfig(epochs=3, progress=False, eval_every=0))
     x = digits.test[:200]
-    loc, scale = encoder.encode(x)
+    start = encoder.local_params(Batch.of(x))
     torch.manual_seed(1)
     before = elbo_terms(model, encoder, x, num_particles=200)["elbo"]
     for steps in (1, 5):
-        refined = gaussian_guide(*refine(model, x, loc, scale, steps, lr))
+        refined = ParamsGuide(encoder.family, refine(model, x, start, encoder.family, steps, lr))
         torch.manual_seed(1)
         gain = elbo_terms(model, refined, x, num_particles=200)["elbo"] - before
         se = gain.std().item() / math.sqrt(len(gain))
@@ -155,13 +167,13 @@ def test_encoder_objective_reaches_the_encoder_only():
     is the encoder's gradient of that ELBO; the decoder gets none from it."""
     model, encoder = mlp_vae(8, 2, (16,)), mlp_guide(8, 2, (16,))
     guide = SemiAmortizedGuide(encoder, model, steps=2)
-    x, idx = torch.bernoulli(torch.full((6, 8), 0.5)), torch.arange(6)
-    elbo = make_elbo("trace", 1, 1)
+    batch = Batch.of(torch.bernoulli(torch.full((6, 8), 0.5)), torch.arange(6), 30)
+    elbo = make_elbo("trace", 1)
     torch.manual_seed(5)
-    expected = elbo.differentiable_loss(model, encoder, x, idx, 30)
+    expected = elbo.differentiable_loss(Program(model), Program(encoder), batch)
     expected_grads = torch.autograd.grad(expected, list(encoder.parameters()))
     torch.manual_seed(5)
-    loss = guide.auxiliary_loss(elbo, x, idx, 30)
+    loss = guide.auxiliary_loss(elbo, Program(model), batch)
     loss.backward()
     assert_close(loss, expected, rtol=1e-6, msg="value")
     for p, g in zip(encoder.parameters(), expected_grads):

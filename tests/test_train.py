@@ -9,7 +9,7 @@ from pvae.checkpoint import CHECKPOINT, load_checkpoint
 from pvae.guides import mlp_guide
 from pvae.inference import elbo_terms
 from pvae.models import LinearGaussian, mlp_vae
-from pvae.plate import data_plate
+from pvae.programs import data_plate
 
 QUIET = dict(progress=False)
 
@@ -66,8 +66,8 @@ def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path):
     resumed = run(tmp_path / "split", 4, resume=True)
     assert len(resumed.history) == 4
     assert history_without_times(resumed.history) == history_without_times(whole.history)
-    a = load_checkpoint(tmp_path / "whole")["model"]
-    b = load_checkpoint(tmp_path / "split")["model"]
+    a = load_checkpoint(tmp_path / "whole")["programs"]["modules"]["model"][0]
+    b = load_checkpoint(tmp_path / "split")["programs"]["modules"]["model"][0]
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
@@ -89,6 +89,7 @@ def test_run_folder_holds_config_metrics_and_an_atomic_weights_only_checkpoint(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "config.json", "metrics.csv", "metrics.jsonl"]
     state = load_checkpoint(tmp_path)
     assert state["epoch"] == 2 and state["config"]["run"] == {"note": "kept"}
+    assert "fit" not in state["config"]["run"], "the fit config is saved once"
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert len(rows) == 3 and "test_elbo" in rows[0]
     # refuses to overwrite the run, and leaves it as it was

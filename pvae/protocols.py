@@ -1,0 +1,59 @@
+"""What fitting, evaluation and the gap study rely on a guide to offer, declared once.
+
+pvae's own guides implement these; a guide of your own may too, and gets what each one enables.
+"""
+
+from typing import Optional, Protocol, runtime_checkable
+
+import torch
+
+from .programs import Batch
+
+
+@runtime_checkable
+class LocalEncoder(Protocol):
+    """A guide whose q(z | x) is a :class:`~pvae.guides.LocalFamily` with parameters the gap study can
+    read for any batch: it starts q* there and refines it into q_K."""
+
+    family: object
+
+    def local_params(self, batch: Batch) -> dict: ...
+
+
+@runtime_checkable
+class PerDatapoint(Protocol):
+    """A guide with free parameters for the rows of one split only (``split``, ``num_data``): it has no
+    q for held-out data, and is evaluated on its own split."""
+
+    num_data: Optional[int]
+    split: str
+    table: object
+
+
+@runtime_checkable
+class Refining(Protocol):
+    """A guide that refines an encoder's q (semi-amortized): the study measures its ``encoder``."""
+
+    encoder: object
+
+    def refined_params(self, batch: Batch, steps: Optional[int] = None, lr: Optional[float] = None) -> dict: ...
+
+
+@runtime_checkable
+class AuxiliaryObjective(Protocol):
+    """A guide with parameters the ELBO does not reach (a semi-amortized guide's encoder): ``fit`` adds
+    ``auxiliary_loss(elbo, model, batch)`` to each step's loss (not to the recorded ``train_loss``)."""
+
+    def auxiliary_loss(self, elbo, model, batch: Batch) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class GlobalMeans(Protocol):
+    """A guide that can say where its global sites' q is centred: evaluation conditions on it."""
+
+    def global_means(self) -> dict: ...
+
+
+def has_q_for(guide, split: Optional[str]) -> bool:
+    """Whether ``guide`` has a q for the datapoints of ``split``."""
+    return not isinstance(guide, PerDatapoint) or split in (None, guide.split)
