@@ -226,10 +226,9 @@ def particle_traces(model, guide, batch: Batch, num_particles: int, info: Progra
     outer = -(info.plate_nesting + 1)
     with pyro.plate(PARTICLES, num_particles, dim=outer):
         guide_trace = poutine.trace(guide).get_trace(batch)
-        replayed = poutine.replay(model, trace=guide_trace)
-        if info.enumerated:
-            replayed = poutine.enum(replayed, first_available_dim=outer - 1)
-        model_trace = poutine.trace(replayed).get_trace(batch)
+        if info.enumerated:  # inside the replay, as TraceEnum_ELBO has it: it marks the replayed sites' enum dims
+            model = poutine.enum(model, first_available_dim=outer - 1)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(batch)
     guide_trace.compute_log_prob()
     model_trace.compute_log_prob()
     return guide_trace, model_trace

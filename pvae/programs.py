@@ -24,6 +24,7 @@ that names the site and what to change.
 """
 
 import inspect
+import re
 from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Optional, Protocol, runtime_checkable
 
@@ -292,7 +293,30 @@ class ProgramInfo:
 def trace_model(model, batch: Batch):
     """One run of the model alone, hidden from any outer handler (particles, KL weights)."""
     with torch.no_grad(), poutine.block():
-        return poutine.trace(as_program(model)).get_trace(batch)
+        return run_traced(as_program(model), Batch.of(batch), "model")
+
+
+_SHAPE_MISMATCH = re.compile(r"Shape mismatch inside plate\('(?P<plate>[^']*)'\) at site (?P<site>\S+) dim (?P<dim>-?\d+), "
+                             r"(?P<size>\d+) vs (?P<got>\d+)")
+
+
+def run_traced(program, batch: Batch, role: Optional[str] = None):
+    """The trace of one run of ``program`` on ``batch``; Pyro's shape errors become one line that names the
+    site and the fix."""
+    role = role or getattr(program, "role", "program")
+    try:
+        return poutine.trace(program).get_trace(batch)
+    except ProgramError as e:  # raised inside the trace, which appends its shapes: the first line says it
+        raise ProgramError(str(e).splitlines()[0]) from None
+    except ValueError as e:
+        found = _SHAPE_MISMATCH.search(str(e))
+        if found is None:
+            raise
+        raise ProgramError(
+            f"{role} site {found['site']!r} has {found['got']} where plate {found['plate']!r} has {found['size']} "
+            f"(dimension {found['dim']}): give the site one row per datapoint (e.g. `x.new_zeros(len(x), D)`), "
+            "with its other dimensions declared by `.to_event`"
+        ) from None
 
 
 def inspect_programs(model, guide, batch: Batch, check: bool = True) -> ProgramInfo:
@@ -308,14 +332,14 @@ def inspect_programs(model, guide, batch: Batch, check: bool = True) -> ProgramI
     model, guide = as_program(model, "model"), as_program(guide, "guide")
     batch = Batch.of(batch)
     with torch.no_grad(), poutine.block():
-        guide_trace = poutine.trace(guide).get_trace(batch)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(batch)
+        guide_trace = run_traced(guide, batch)
+        model_trace = run_traced(poutine.replay(model, trace=guide_trace), batch, "model")
     q_sites, p_sites = latent_sites(guide_trace), sample_sites(model_trace)
     frames = [f for t in (guide_trace, model_trace) for s in sample_sites(t).values()
               for f in s["cond_indep_stack"] if f.vectorized]
     nesting = plate_nesting(guide_trace, model_trace)
     data_dims = {f.dim for f in frames if f.name == DATA}
-    if check and not data_dims:
+    if check and not any(data_frame(site) for site in p_sites.values()):
         raise ProgramError(
             f"the model has no plate named {DATA!r}: put its datapoints in "
             f"`with pyro.plate({DATA!r}, x.shape[0]):` (pvae scales that plate to the data set)"
