@@ -443,23 +443,14 @@ def _exact_kl_sites(model, guide, batch, q_sites, p_sites, enumerated) -> frozen
 
 def _parents(program, batch, sites, latent_names) -> dict:
     """For each site in ``sites``: the latents (of ``latent_names``) its log-density depends on, when
-    the program is run with every latent fixed to its traced value."""
-    leaves = {n: sites[n]["value"].detach().clone().requires_grad_(True) if n in sites else None for n in latent_names}
-    values = {n: v for n, v in leaves.items() if v is not None}
-    missing = [n for n in latent_names if n not in values]
+    the program is run with every latent it samples fixed to a leaf tensor at its traced value."""
+    values = {n: sites[n]["value"].detach().clone().requires_grad_(True) for n in latent_names if n in sites}
     with torch.enable_grad(), poutine.block():
         trace = poutine.trace(poutine.condition(program, data=values)).get_trace(batch)
-        # latents this program did not trace (auxiliary guide sites, seen from the model) are leaves too
-        for name in missing:
-            if name in trace.nodes:
-                values[name] = trace.nodes[name]["value"]
         parents = {}
         for name in sites:
-            site = trace.nodes.get(name)
-            if site is None:
-                continue
-            others = [n for n in values if n != name and values[n].requires_grad]
-            log_p = site["fn"].log_prob(values[name])
+            others = [n for n in values if n != name]
+            log_p = trace.nodes[name]["fn"].log_prob(values[name])
             if not others or not log_p.requires_grad:
                 parents[name] = set()
                 continue
