@@ -69,8 +69,8 @@ class AmortizedGuide(SiteGuide):
             if self.hidden:
                 layers.append(ACTIVATIONS[self.activation]())
             self.body = nn.Sequential(*layers)
-        if example is None:
-            example = torch.zeros(2, in_features)
+        if example is None:  # on the body's own device: a body passed in stays where it is
+            example = torch.zeros(2, in_features, device=next(self.body.parameters(), torch.empty(0)).device)
         with torch.no_grad():  # the body's output size, from one pass
             out_features = self.body.to(example.device)(example).shape[-1]
         self.head = nn.Linear(out_features, self.family.size)

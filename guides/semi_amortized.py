@@ -89,7 +89,7 @@ def refine(model, batch, params: dict, family: LocalFamily, steps: int, lr: floa
     with torch.enable_grad(), poutine.block():
         if elbo is None and steps:
             start = {**fixed, **{n: {"loc": loc[n], "scale": log_scale[n].exp()} for n in names}}
-            elbo = lean_elbo(inspect_programs(model, ParamsGuide(family, start, globals_), batch), 1)
+            elbo = lean_elbo(inspect_programs(model, ParamsGuide(family, start, globals_), batch, check=False), 1)
         for _ in range(steps):
             leaves = [t.requires_grad_(True) for n in names for t in (loc[n], log_scale[n])]
             current = {**fixed, **{n: {"loc": loc[n], "scale": log_scale[n].exp()} for n in names}}
@@ -146,7 +146,8 @@ class SemiAmortizedGuide(nn.Module):
         if self._elbo is None and steps:
             unscaled = Batch.of(batch.x, inputs=batch.inputs, split=batch.split)
             with torch.enable_grad(), poutine.block():
-                info = inspect_programs(self.model, ParamsGuide(self.family, start, self.encoder.globals_), unscaled)
+                info = inspect_programs(self.model, ParamsGuide(self.family, start, self.encoder.globals_), unscaled,
+                                        check=False)
             self._elbo = lean_elbo(info, 1)
         return refine(self.model, batch, start, self.family, steps, self.lr if lr is None else lr,
                       self.num_particles, self.encoder.globals_, self._elbo)

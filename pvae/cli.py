@@ -185,7 +185,7 @@ def run_evaluate(args) -> int:
         raise SystemExit(f"pvae evaluate: the {run.label()} guide has parameters for training rows only: "
                          "use --split train")
     batch = _datapoints("evaluate", run, args.split, args.max_datapoints, args.seed)
-    set_seed(args.seed)
+    set_seed(args.seed, clear_param_store=False)  # the run's pyro.params are loaded
     print(f"pvae evaluate: {run.path}, {len(batch)} {args.split} datapoints of {run.data.name}, "
           f"K = {args.samples} samples each, {device}")
     info = {"run": str(run.path), "split": args.split, "seed": args.seed, "guide": run.label()}

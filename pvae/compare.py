@@ -235,7 +235,7 @@ def compare_inference(
     batch = Batch.of(data)
     if len(batch) == 0:
         raise ValueError("no datapoints to compare on")
-    set_seed(config.seed)
+    set_seed(config.seed, clear_param_store=False)  # the model's pyro.params are trained
     probe = batch.rows(slice(0, config.batch_size))
     family = LocalFamily(model_sites(model, probe))
     discrete = [s.name for s in family.sites if s.kind != "continuous"]

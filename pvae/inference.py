@@ -240,7 +240,7 @@ def log_weights(model, guide, batch, num_particles: int = 1, info: Optional[Prog
     (a :class:`~pvae.programs.Batch` or a tensor of datapoints). Densities are unscaled: the data
     plate's N / B and any :class:`KLWeight` do not enter."""
     batch = Batch.of(batch)
-    info = info or inspect_programs(model, guide, batch)
+    info = info or inspect_programs(model, guide, batch, check=False)
     guide_trace, model_trace = particle_traces(model, guide, batch, num_particles, info)
     outer, shape = -(info.plate_nesting + 1), (num_particles, len(batch))
 
@@ -330,7 +330,7 @@ def log_weight_chunks(model, guide, batch, num_samples: int, chunk_size: int, in
     if num_samples < 1 or chunk_size < 1:
         raise ValueError(f"num_samples and chunk_size must be at least 1, got {num_samples}, {chunk_size}")
     batch = Batch.of(batch)
-    info = info or inspect_programs(model, guide, batch)
+    info = info or inspect_programs(model, guide, batch, check=False)  # conditioned globals are observed
     for start in range(0, num_samples, chunk_size):
         k = min(chunk_size, num_samples - start)
         with pyro.validation_enabled(is_validation_enabled() and start == 0):

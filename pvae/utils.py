@@ -11,12 +11,14 @@ import pyro
 import torch
 
 
-def set_seed(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and every CUDA device), and clear Pyro's param store."""
+def set_seed(seed: int, clear_param_store: bool = True) -> None:
+    """Seed Python, NumPy and torch (CPU and every CUDA device), and clear Pyro's param store (not when
+    the programs to measure are already trained: ``clear_param_store=False``)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
-    pyro.clear_param_store()
+    if clear_param_store:
+        pyro.clear_param_store()
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -529,3 +529,28 @@ def test_pvae_evaluate_and_compare_read_run_folders_written_by_fit(tmp_path, cap
                                                            data=pvae.Dataset.from_tensors(data.train))),
                   data.test[:10], num_samples=10)
     assert np.isfinite(ev.per_datapoint["log_px"]).all()
+
+
+def test_the_gap_study_keeps_a_models_pyro_params_and_serves_global_sites():
+    """The study seeds its draws without clearing the param store (the fitted pyro.params are the model),
+    and holds global sites at the guide's mean."""
+    torch.manual_seed(0)
+    x = torch.randn(200, 2) * 0.5 + 5.0
+
+    def model(x):
+        shift = pyro.param("shift", torch.zeros(2))
+        w = pyro.sample("w", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], 2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(shift + 0.3 * w * z, 0.5).to_event(1), obs=x)
+
+    guide = AmortizedGuide(model, hidden=(8,))
+    pvae.fit(model, guide, x, pvae.FitConfig(epochs=40, batch_size=50, lr=0.2, **QUIET))
+    fitted = pyro.param("shift").detach().clone()
+    assert_close(fitted, 5.0, atol=0.5)
+    tiny = CompareConfig(batch_size=20, particles=8, max_steps=20, window=5, elbo_particles=16, iwae_samples=32,
+                         refine_steps=(1,), refine_lr=0.001)
+    result = compare_inference(model, x[:20], guide, tiny)
+    assert torch.equal(pyro.param("shift").detach(), fitted)
+    assert result.log_px.mean > -5.0, "with the fitted shift the data are likely; with a cleared one they are not"
+    assert "w: held at the guide's mean" == result.settings["global sites"]
