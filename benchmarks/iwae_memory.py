@@ -125,7 +125,7 @@ def hand_written_iwae(model, guide, x, args, num_samples) -> torch.Tensor:
     """log p̂(x) per datapoint in plain PyTorch, chunked with a running log-sum-exp."""
     out = []
     for xb in x.split(args.batch_size):
-        loc, raw_scale = guide.encoder(xb).chunk(2, dim=-1)  # (B, D) each
+        loc, raw_scale = guide.head(guide.body(xb)).chunk(2, dim=-1)  # (B, D) each
         scale = F.softplus(raw_scale) + 1e-6
         log_scale = scale.log().sum(-1)  # (B,)
         running = xb.new_full((xb.shape[0],), -math.inf)

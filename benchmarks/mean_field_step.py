@@ -24,10 +24,11 @@ import time
 import pyro
 import torch
 
-from pvae.guides import MeanFieldGuide
-from pvae.inference import make_elbo
+from pvae.guides import mean_field_guide
+from pvae.inference import ReparamELBO
 from pvae.models import mlp_vae
-from pvae.train import _make_optimizers  # the optimizers fit() builds: SparseAdam for the tables
+from pvae.programs import Batch, Program
+from pvae.svi import make_optimizers  # the optimizers fit() builds: SparseAdam for the tables
 from pvae.utils import resolve_device, set_seed
 
 
@@ -59,16 +60,17 @@ class Setup:
         self.batch_size = args.batch_size
         self.data = torch.randint(0, 2, (n, args.pixels), dtype=torch.uint8, device=device)
         self.model = mlp_vae(args.pixels, args.latent_dim, (args.hidden,)).to(device)
-        self.guide = MeanFieldGuide(n, args.latent_dim, sparse=sparse).to(device)
+        self.guide = mean_field_guide(n, args.latent_dim, sparse=sparse).to(device)
         self.generator = torch.Generator(device=device).manual_seed(0)
         self.device = device
         if sparse:
-            elbo = make_elbo("trace", 1, 1, reparameterized=True)  # as pvae.fit picks for this guide
+            elbo = ReparamELBO(1)  # as pvae.fit picks for this guide
             params = [*self.model.parameters(), *self.guide.parameters()]
-            optimizers = _make_optimizers(self.model, self.guide, params, lr=1e-3, local_lr=3e-2)
+            optimizers = make_optimizers(params, [self.model, self.guide], lr=1e-3, local_lr=3e-2)
+            model, guide = Program(self.model), Program(self.guide)
 
             def step(xb, idx):
-                loss = elbo.differentiable_loss(self.model, self.guide, xb, idx, n)
+                loss = elbo.differentiable_loss(model, guide, Batch(xb, idx, n))
                 loss.backward()
                 for opt in optimizers:
                     opt.step()
@@ -82,7 +84,7 @@ class Setup:
             svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), pyro.infer.Trace_ELBO())
 
             def step(xb, idx):
-                svi.step(xb, idx, n)
+                svi.step(Batch(xb, idx, n))
 
             self.state = svi
         self.step = step
@@ -118,9 +120,11 @@ class Setup:
 
 
 def _registered(name: str, module):
-    def program(*args):
+    called = Program(module)  # scales the data plate to the data set, as fit does
+
+    def program(batch):
         pyro.module(name, module)
-        return module(*args)
+        return called(batch)
 
     return program
 
