@@ -78,17 +78,17 @@ class MixturePriorVAE(nn.Module):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="A VAE with a learned mixture-of-Gaussians prior, against the standard normal prior.")
-    p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--latent-dim", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=50, help="default: 50")
+    p.add_argument("--latent-dim", type=int, default=2, help="size of z (default: 2)")
     p.add_argument("--components", type=int, default=10, help="Gaussians in the prior (default: 10, as digits' classes)")
-    p.add_argument("--hidden", type=int, nargs="*", default=[400], help="hidden widths of encoder and decoder")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--binarize", choices=BINARIZE[1:], default="dynamic")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
+    p.add_argument("--hidden", type=int, nargs="*", default=[400], help="hidden widths of encoder and decoder (default: 400)")
+    p.add_argument("--batch-size", type=int, default=128, help="default: 128")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate (default: 0.001)")
+    p.add_argument("--binarize", choices=BINARIZE[1:], default="dynamic", help="default: dynamic")
+    p.add_argument("--seed", type=int, default=0, help="default: 0")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ... (default: auto)")
     p.add_argument("--out", type=Path, default=None, help="folder for prior-sample pictures (default: write nothing)")
-    p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch lines (default: off)")
     return p.parse_args(argv)
 
 

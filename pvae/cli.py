@@ -3,11 +3,21 @@
 Each subcommand is a ``(add_arguments, run)`` pair in :data:`COMMANDS`; ``run(args)`` returns an
 exit code. Flags left out take the defaults of :class:`~pvae.registry.RunConfig` and
 :class:`~pvae.train.FitConfig`.
+
+Every mistake gets one line, ``pvae <command>: error: ...``, naming the flag as typed, the file or the
+site: exit code 2 for a mistake in what was given (flags, files, data, programs), 1 for a failure on
+the way (a diverged fit, a full disk), 130 / 143 for SIGINT / SIGTERM (a fit saves its checkpoint at
+the step it reached first). ``--debug`` shows the traceback instead.
 """
 
 import argparse
 import dataclasses
+import errno
+import math
+import signal
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -15,11 +25,11 @@ import torch
 
 from . import plots
 from .data import BINARIZE, DATASETS
+from .errors import ConfigError, Interrupted, add_note, message
 from .inference import ELBOS
-from .programs import ProgramError
 from .protocols import has_q_for
-from .registry import GUIDES, MODELS, RunConfig, build, load_data
-from .run import CONFIG_JSON, load_run, read_config, write_comparison, write_evaluation
+from .registry import ACTIVATIONS, GUIDES, LIKELIHOODS, MODELS, RunConfig, build, load_data
+from .run import CONFIG_JSON, load_run, read_config, run_config_from, write_comparison, write_evaluation
 from .train import FitConfig, fit
 from .utils import resolve_device, set_seed
 
@@ -38,6 +48,48 @@ FIT_FLAGS = {
 }
 
 
+# the flag a setting is given by, to name it as the user typed it
+FLAG_OF = {field: "--" + flag.replace("_", "-") for flag, field in {**RUN_FLAGS, **FIT_FLAGS}.items()}
+
+
+# ----------------------------------------------------------------------------- flag values
+
+
+def _number(kind, low=None, strict=False, high=None):
+    """An argparse ``type``: a finite ``kind`` (int or float) at least ``low`` (above it, if ``strict``),
+    at most ``high``."""
+    words = "an integer" if kind is int else "a number"
+
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {words}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+        if low is not None and (value <= low if strict else value < low):
+            bound = f"above {low:g}" if strict else (f"at least {low}" if low else ">= 0")
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {text}")
+        return value
+
+    convert.__name__ = kind.__name__  # argparse's fallback message names the type
+    return convert
+
+
+POSITIVE_INT, COUNT, SEED = _number(int, 1), _number(int, 0), _number(int, 0, high=2**32 - 1)  # NumPy's seeds
+POSITIVE, NON_NEGATIVE = _number(float, 0, strict=True), _number(float, 0)
+
+
+def _device(text: str) -> str:
+    try:
+        resolve_device(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(e.problem) from None
+    return text
+
+
 def _defaults(cls) -> dict:
     return {f.name: (f.default if f.default is not dataclasses.MISSING else None) for f in dataclasses.fields(cls)}
 
@@ -46,37 +98,37 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     run, fitd = _defaults(RunConfig), _defaults(FitConfig)
     data = p.add_argument_group("data")
     data.add_argument("--dataset", help=f"{', '.join(DATASETS)}, or a folder of MNIST-format IDX files (default: {run['dataset']}, embedded, no network)")
-    data.add_argument("--data-dir", help="folder holding the data set's files, or where to download them")
+    data.add_argument("--data-dir", help="the folder holding the data set's files, or where to download them; not for digits or a folder given as --dataset (default: the files' cache, ~/.cache/pvae)")
     data.add_argument("--binarize", choices=BINARIZE, help=f"default: {run['binarize']} (fresh Bernoulli draws each epoch)")
-    data.add_argument("--val-size", type=int, help="training images held out for validation (default: 5000 for 28x28 sets, else 10%%)")
+    data.add_argument("--val-size", type=COUNT, help="training images held out for validation (default: 5000 for 28x28 sets, else 10%%)")
     data.add_argument("--labels-as", metavar="NAME", help="also pass the labels to the programs as the side input NAME (a conditional model's y; default: none)")
     arch = p.add_argument_group("model and guide")
     arch.add_argument("--model", metavar="NAME", help=f"{', '.join(MODELS)}, or your own factory 'module:function' / 'file.py:function' returning a Pyro model or (model, guide) for the data (default: {run['model']}; conv takes 28x28 images)")
     arch.add_argument("--guide", choices=list(GUIDES), help=f"variational family, built from the model's latent sites (default: {run['guide']}; a factory's own guide when it returns one)")
-    arch.add_argument("--likelihood", choices=["bernoulli", "continuous-bernoulli", "gaussian"], help=f"p(x|z) per pixel (default: {run['likelihood']})")
-    arch.add_argument("--latent-dim", type=int, help=f"size of z (default: {run['latent_dim']}; 2 adds latent-space and manifold pictures)")
-    arch.add_argument("--hidden", type=int, nargs="*", help=f"hidden widths of the MLPs (default: {' '.join(map(str, run['hidden']))})")
-    arch.add_argument("--activation", choices=["relu", "elu", "tanh", "softplus"], help=f"default: {run['activation']}")
-    arch.add_argument("--refine-steps", type=int, help=f"semi-amortized guide: K, gradient steps refining the encoder's q per batch (default: {run['refine_steps']})")
-    arch.add_argument("--refine-lr", type=float, help=f"semi-amortized guide: the size of those steps (default: {run['refine_lr']})")
+    arch.add_argument("--likelihood", choices=list(LIKELIHOODS), help=f"p(x|z) per pixel (default: {run['likelihood']})")
+    arch.add_argument("--latent-dim", type=POSITIVE_INT, help=f"size of z (default: {run['latent_dim']}; 2 adds latent-space and manifold pictures)")
+    arch.add_argument("--hidden", type=POSITIVE_INT, nargs="+", metavar="WIDTH", help=f"hidden widths of the MLPs (default: {' '.join(map(str, run['hidden']))})")
+    arch.add_argument("--activation", choices=list(ACTIVATIONS), help=f"default: {run['activation']}")
+    arch.add_argument("--refine-steps", type=COUNT, help=f"semi-amortized guide: K, gradient steps refining the encoder's q per batch (default: {run['refine_steps']})")
+    arch.add_argument("--refine-lr", type=POSITIVE, help=f"semi-amortized guide: the size of those steps (default: {run['refine_lr']})")
     opt = p.add_argument_group("fitting")
-    opt.add_argument("--epochs", type=int, help=f"default: {fitd['epochs']}; with --resume, the new total")
-    opt.add_argument("--batch-size", type=int, help=f"default: {fitd['batch_size']}")
-    opt.add_argument("--lr", type=float, help=f"Adam's learning rate (default: {fitd['lr']})")
-    opt.add_argument("--local-lr", type=float, help=f"mean-field guide: SparseAdam's learning rate for the per-datapoint parameters, each row of which takes one step per epoch (default: {fitd['local_lr']})")
+    opt.add_argument("--epochs", type=POSITIVE_INT, help=f"default: {fitd['epochs']}; with --resume, the new total")
+    opt.add_argument("--batch-size", type=POSITIVE_INT, help=f"default: {fitd['batch_size']}")
+    opt.add_argument("--lr", type=POSITIVE, help=f"Adam's learning rate (default: {fitd['lr']})")
+    opt.add_argument("--local-lr", type=POSITIVE, help=f"mean-field guide: SparseAdam's learning rate for the per-datapoint parameters, each row of which takes one step per epoch (default: {fitd['local_lr']})")
     opt.add_argument("--elbo", choices=list(ELBOS), help=f"{'; '.join(f'{k}: {v}' for k, v in ELBOS.items())} (default: {fitd['elbo']}; enumerated models get enum)")
-    opt.add_argument("--particles", type=int, help=f"samples of z per datapoint and step (default: {fitd['num_particles']})")
-    opt.add_argument("--beta", type=float, help=f"KL weight after warm-up; > 1 is a beta-VAE (default: {fitd['beta']})")
-    opt.add_argument("--kl-warmup", type=float, help="epochs over which the KL weight rises linearly from 0 (default: 0)")
-    opt.add_argument("--seed", type=int, help=f"default: {fitd['seed']}")
-    opt.add_argument("--eval-every", type=int, help="epochs between train/test ELBO evaluations; 0: never (default: 1)")
-    opt.add_argument("--checkpoint-every", type=int, help="epochs between checkpoints (default: 1)")
+    opt.add_argument("--particles", type=POSITIVE_INT, help=f"samples of z per datapoint and step (default: {fitd['num_particles']})")
+    opt.add_argument("--beta", type=NON_NEGATIVE, help=f"KL weight after warm-up; > 1 is a beta-VAE (default: {fitd['beta']})")
+    opt.add_argument("--kl-warmup", type=NON_NEGATIVE, metavar="EPOCHS", help="epochs over which the KL weight rises linearly from 0 (default: 0)")
+    opt.add_argument("--seed", type=SEED, help=f"seeds the initial weights and the training (default: {fitd['seed']})")
+    opt.add_argument("--eval-every", type=COUNT, help="epochs between train/test ELBO evaluations; 0: never (default: 1)")
+    opt.add_argument("--checkpoint-every", type=COUNT, help="epochs between checkpoints; the last epoch always has one (default: 1)")
     out = p.add_argument_group("output")
-    out.add_argument("--device", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ... (default: auto)")
+    out.add_argument("--device", type=_device, help="auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ... (default: auto)")
     out.add_argument("--out", help="run folder (default: runs/<dataset>-<time>)")
-    out.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    out.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
-    out.add_argument("--no-figures", action="store_true", help="write no PNGs")
+    out.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint (default: off)")
+    out.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines (default: off, they are shown)")
+    out.add_argument("--no-figures", action="store_true", help="write no PNGs (default: off, figures are written)")
 
 
 def config_from_args(args) -> RunConfig:
@@ -89,28 +141,38 @@ def config_from_args(args) -> RunConfig:
     return cfg
 
 
+def resumed_config(args) -> RunConfig:
+    """The config of the run in ``--out``, read back from its ``config.json``; only --epochs (the new
+    total), --device and the output flags may be given with --resume."""
+    if not args.out:
+        raise ConfigError("--resume", "needs --out RUN, the run to continue")
+    given = [a for a in RUN_FLAGS if a != "device" and getattr(args, a) is not None]
+    given += [a for a in FIT_FLAGS if a != "epochs" and getattr(args, a) is not None]
+    if given:
+        raise ConfigError("--resume", f"keeps the run's own settings: drop --{', --'.join(a.replace('_', '-') for a in given)}")
+    saved = read_config(args.out)
+    if not saved.get("run"):
+        raise ConfigError("--resume", f"cannot continue {args.out}, which was fitted from Python: resume it with "
+                          "pvae.fit(..., resume=True)")
+    cfg = run_config_from(saved, str(Path(args.out) / CONFIG_JSON))
+    if not (Path(args.out) / "checkpoint.pt").is_file():
+        print(f"pvae train: {args.out} stopped before its first checkpoint: it starts again from its first step")
+    cfg.fit.progress = not args.no_progress
+    if args.epochs is not None:
+        cfg.fit.epochs = args.epochs
+    if args.device is not None:
+        cfg.device = args.device
+    return cfg
+
+
 def run_train(args) -> int:
-    if args.resume:
-        if not args.out:
-            raise SystemExit("pvae train: --resume needs --out RUN, the run to continue")
-        given = [a for a in RUN_FLAGS if a != "device" and getattr(args, a) is not None]
-        given += [a for a in FIT_FLAGS if a != "epochs" and getattr(args, a) is not None]
-        if given:
-            raise SystemExit(f"pvae train: --resume keeps the run's own settings; drop --{', --'.join(a.replace('_', '-') for a in given)}")
-        saved = read_config(args.out)
-        if not saved.get("run"):
-            raise SystemExit(f"pvae train: {args.out} was fitted from Python: resume it with pvae.fit(..., resume=True)")
-        cfg = RunConfig.from_dict({**saved["run"], "fit": saved["fit"]})
-        cfg.fit.progress = not args.no_progress
-        if args.epochs is not None:
-            cfg.fit.epochs = args.epochs
-        if args.device is not None:
-            cfg.device = args.device
-    else:
-        cfg = config_from_args(args)
+    cfg = resumed_config(args) if args.resume else config_from_args(args)
     out = Path(args.out or f"runs/{Path(cfg.dataset).name}-{time.strftime('%Y%m%d-%H%M%S')}")
     device = resolve_device(cfg.device)
-    data = load_data(cfg)
+    try:
+        data = load_data(cfg)
+    except ConfigError as e:  # a resumed run's data settings are its config file's
+        raise e.within(str(out / CONFIG_JSON), "run") if args.resume and e.where is None else e
     set_seed(cfg.fit.seed)  # the initial weights; fit seeds the training itself
     model, guide = build(cfg, data)
     what = f"{cfg.model} VAE ({cfg.likelihood}, z in R^{cfg.latent_dim})" if cfg.model in MODELS else cfg.model
@@ -120,10 +182,21 @@ def run_train(args) -> int:
     has_encoder = hasattr(guide, "encode") and has_q_for(guide, "test")  # not mean-field
     if cfg.latent_dim == 2 and not args.no_figures and data.train_labels is not None and has_encoder and cfg.model in MODELS:
         callbacks.append(_latent_snapshots(out, data.to(device), cfg.fit.epochs))
-    result = fit(model, guide, data, cfg.fit, out_dir=out, resume=args.resume, device=device,
-                 run_config=cfg.to_dict(), callbacks=callbacks)
-    if not args.no_figures:
-        write_figures(out, model, guide, data.to(device), cfg, result.history, device)
+    try:
+        result = fit(model, guide, data, cfg.fit, out_dir=out, resume=args.resume, device=device,
+                     run_config=cfg.to_dict(), callbacks=callbacks)
+    except (Interrupted, OSError) as e:  # a fit that can go on from its checkpoint
+        if getattr(e, "complete", False):
+            add_note(e, "the fit itself is complete; the figures were not written")
+        elif (out / "checkpoint.pt").is_file() and (isinstance(e, Interrupted) or e.errno in (errno.ENOSPC, errno.EDQUOT)):
+            add_note(e, f"continue with: pvae train --resume --out {out}")
+        raise
+    try:
+        if not args.no_figures:
+            write_figures(out, model, guide, data.to(device), cfg, result.history, device)
+    except BaseException as e:
+        add_note(e, f"the fit itself is complete: {out}/checkpoint.pt holds its {result.final.get('epoch')} epochs")
+        raise
     final = result.final
     split = "test" if "test_elbo" in final else "train"  # a mean-field guide has no test ELBO
     summary = ", ".join(f"{k} {final[k]:.3f}" for k in (f"{split}_elbo", f"{split}_recon", f"{split}_kl") if k in final)
@@ -161,29 +234,28 @@ def write_figures(out: Path, model, guide, data, cfg: RunConfig, history, device
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="a run folder written by pvae train")
-    p.add_argument("--split", choices=["train", "val", "test"], default="test")
-    p.add_argument("--samples", type=int, default=1000,
+    p.add_argument("--split", choices=["train", "val", "test"], default="test", help="the datapoints (default: test)")
+    p.add_argument("--samples", type=POSITIVE_INT, default=1000,
                    help="K, samples of z per datapoint for log p(x), the ELBO and PSIS (default: 1000; the literature: 5000)")
-    p.add_argument("--max-datapoints", type=int, help="evaluate the first N datapoints only, for a quick look")
-    p.add_argument("--chunk-size", type=int, default=100, help="samples traced at once; bounds the memory (default: 100)")
-    p.add_argument("--batch-size", type=int, default=100, help="datapoints traced at once (default: 100)")
-    p.add_argument("--marginal", action="store_true", help="models with global latent sites: also log p(x) with them integrated out (default: conditional on their guide's mean only)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--max-datapoints", type=POSITIVE_INT, help="evaluate the first N datapoints only, for a quick look (default: all)")
+    p.add_argument("--chunk-size", type=POSITIVE_INT, default=100, help="samples traced at once; bounds the memory (default: 100)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=100, help="datapoints traced at once (default: 100)")
+    p.add_argument("--marginal", action="store_true", help="models with global latent sites: also log p(x) with them integrated out (default: off, conditional on their guide's mean only)")
+    p.add_argument("--seed", type=SEED, default=0, help="seeds the samples of z (default: 0)")
+    p.add_argument("--device", type=_device, default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: off, it is shown)")
 
 
 def run_evaluate(args) -> int:
     from .evaluate import evaluate
     from .reports import evaluation_markdown
 
-    if args.samples < 1:
-        raise SystemExit(f"pvae evaluate: --samples must be at least 1, got {args.samples}")
     device = resolve_device(args.device)
     run = load_run(args.run, device)
     if not has_q_for(run.guide, args.split):
-        raise SystemExit(f"pvae evaluate: the {run.label()} guide has parameters for training rows only: "
-                         "use --split train")
+        raise ConfigError("--split", f"{args.split}: the {run.label()} guide has parameters for training rows only: "
+                          "use --split train")
+    check_writable(run.path)  # before the work, not after it
     batch = _datapoints("evaluate", run, args.split, args.max_datapoints, args.seed)
     set_seed(args.seed, clear_param_store=False)  # the run's pyro.params are loaded
     print(f"pvae evaluate: {run.path}, {len(batch)} {args.split} datapoints of {run.data.name}, "
@@ -203,10 +275,8 @@ def _datapoints(command: str, run, split: str, max_datapoints, seed: int):
     saw them in training: dynamically binarized training images, which keep their grey levels, become
     one seeded binary draw."""
     x, _ = run.data.split(split)
-    if max_datapoints is not None and max_datapoints < 1:
-        raise SystemExit(f"pvae {command}: --max-datapoints must be at least 1, got {max_datapoints}")
     if x.shape[0] == 0:
-        raise SystemExit(f"pvae {command}: the {split} split of {run.data.name} is empty")
+        raise ConfigError("--split", f"{split}: the {split} split of {run.data.name} is empty: choose another")
     n = x.shape[0] if max_datapoints is None else min(max_datapoints, x.shape[0])
     batch = run.data.batch(split, slice(0, n))
     if split == "train" and run.data.binarize == "dynamic":
@@ -217,18 +287,18 @@ def _datapoints(command: str, run, split: str, max_datapoints, seed: int):
 
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="a run folder written by pvae train")
-    p.add_argument("-n", "--num", type=int, default=64, help="how many samples (default: 64)")
+    p.add_argument("-n", "--num", type=POSITIVE_INT, default=64, help="how many samples (default: 64)")
     p.add_argument("--out", help="PNG to write (default: RUN/samples-<seed>.png)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=SEED, default=0, help="seeds the draws from the prior (default: 0)")
+    p.add_argument("--device", type=_device, default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ... (default: auto)")
 
 
 def run_sample(args) -> int:
-    if args.num < 1:
-        raise SystemExit(f"pvae sample: --num must be at least 1, got {args.num}")
     device = resolve_device(args.device)
     run = load_run(args.run, device)
     out = Path(args.out or run.path / f"samples-{args.seed}.png")
+    if not hasattr(run.model, "decode"):
+        raise ValueError(f"the model of {run.path} has no decoder (decode) to draw pictures with")
     generator = torch.Generator().manual_seed(args.seed)
     plots.plot_samples(run.model, out, run.data.image_shape, n=args.num, device=device, generator=generator)
     print(f"pvae sample: wrote {args.num} prior samples to {out}")
@@ -242,29 +312,29 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="a run folder written by pvae train; its decoder stays fixed")
     p.add_argument("--split", choices=["train", "val", "test"], default="test",
                    help="the datapoints (default: test; Cremer et al. measured on train)")
-    p.add_argument("--max-datapoints", type=int, default=1000, help="the first N datapoints of the split (default: 1000)")
+    p.add_argument("--max-datapoints", type=POSITIVE_INT, default=1000, help="the first N datapoints of the split (default: 1000)")
     q = p.add_argument_group("q*, the best Gaussian per datapoint")
     q.add_argument("--init", choices=["encoder", "prior"], default=d["init"], help=f"where q* starts (default: {d['init']}; prior without an encoder)")
-    q.add_argument("--particles", type=int, default=d["particles"], help=f"samples of z per datapoint and Adam step (default: {d['particles']})")
-    q.add_argument("--lr", type=float, default=d["lr"], help=f"Adam's first learning rate (default: {d['lr']})")
-    q.add_argument("--max-steps", type=int, default=d["max_steps"], help=f"Adam steps per batch at most (default: {d['max_steps']})")
-    q.add_argument("--window", type=int, default=d["window"], help=f"steps whose mean bound must beat the previous window's, else the lr is cut (default: {d['window']})")
-    q.add_argument("--lr-decays", type=int, default=d["lr_decays"], help=f"lr cuts by 10 before q* counts as converged (default: {d['lr_decays']})")
-    q.add_argument("--batch-size", type=int, default=d["batch_size"], help=f"datapoints optimized at once (default: {d['batch_size']})")
+    q.add_argument("--particles", type=POSITIVE_INT, default=d["particles"], help=f"samples of z per datapoint and Adam step (default: {d['particles']})")
+    q.add_argument("--lr", type=POSITIVE, default=d["lr"], help=f"Adam's first learning rate (default: {d['lr']})")
+    q.add_argument("--max-steps", type=POSITIVE_INT, default=d["max_steps"], help=f"Adam steps per batch at most (default: {d['max_steps']})")
+    q.add_argument("--window", type=POSITIVE_INT, default=d["window"], help=f"steps whose mean bound must beat the previous window's, else the lr is cut (default: {d['window']})")
+    q.add_argument("--lr-decays", type=COUNT, default=d["lr_decays"], help=f"lr cuts by 10 before q* counts as converged (default: {d['lr_decays']})")
+    q.add_argument("--batch-size", type=POSITIVE_INT, default=d["batch_size"], help=f"datapoints optimized at once (default: {d['batch_size']})")
     k = p.add_argument_group("q_K, the encoder's q refined by K gradient steps")
-    k.add_argument("--refine-steps", type=int, nargs="+", default=list(d["refine_steps"]), help=f"the values of K (default: {' '.join(map(str, d['refine_steps']))})")
-    k.add_argument("--refine-lr", type=float, help="their step size (default: the run's --refine-lr)")
+    k.add_argument("--refine-steps", type=POSITIVE_INT, nargs="+", default=list(d["refine_steps"]), help=f"the values of K (default: {' '.join(map(str, d['refine_steps']))})")
+    k.add_argument("--refine-lr", type=POSITIVE, help="their step size (default: the run's --refine-lr, else 0.01)")
     e = p.add_argument_group("estimates")
-    e.add_argument("--elbo-particles", type=int, default=d["elbo_particles"], help=f"samples per datapoint of each ELBO (default: {d['elbo_particles']})")
-    e.add_argument("--iwae-samples", type=int, default=d["iwae_samples"], help=f"samples per datapoint of log p(x) (default: {d['iwae_samples']})")
-    e.add_argument("--chunk-size", type=int, default=d["chunk_size"], help=f"samples traced at once; bounds the memory (default: {d['chunk_size']})")
-    e.add_argument("--seed", type=int, default=d["seed"])
+    e.add_argument("--elbo-particles", type=POSITIVE_INT, default=d["elbo_particles"], help=f"samples per datapoint of each ELBO (default: {d['elbo_particles']})")
+    e.add_argument("--iwae-samples", type=POSITIVE_INT, default=d["iwae_samples"], help=f"samples per datapoint of log p(x) (default: {d['iwae_samples']})")
+    e.add_argument("--chunk-size", type=POSITIVE_INT, default=d["chunk_size"], help=f"samples traced at once; bounds the memory (default: {d['chunk_size']})")
+    e.add_argument("--seed", type=SEED, default=d["seed"], help=f"seeds every draw of the study (default: {d['seed']})")
     out = p.add_argument_group("output")
-    out.add_argument("--device", default="auto")
+    out.add_argument("--device", type=_device, default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ... (default: auto)")
     out.add_argument("--curves", nargs="+", metavar="RUN", default=[],
-                     help="other runs (e.g. the same decoder fitted with the other guides) whose training curves are drawn with RUN's in RUN/curves-compared.png")
-    out.add_argument("--no-figures", action="store_true", help="no bar chart or curves")
-    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+                     help="other runs (e.g. the same decoder fitted with the other guides) whose training curves are drawn with RUN's in RUN/curves-compared.png (default: none)")
+    out.add_argument("--no-figures", action="store_true", help="no bar chart or curves (default: off, they are drawn)")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar (default: off, it is shown)")
 
 
 def run_compare(args) -> int:
@@ -274,9 +344,11 @@ def run_compare(args) -> int:
 
     for other in args.curves:  # before the long study, not after it
         if not (Path(other) / CONFIG_JSON).is_file():
-            raise SystemExit(f"pvae compare: --curves {other}: no run folder there ({CONFIG_JSON} missing)")
+            raise ConfigError("--curves", f"{other}: no run folder there ({CONFIG_JSON} missing)")
+        read_metrics(other)
     device = resolve_device(args.device)
     run = load_run(args.run, device)
+    check_writable(run.path)
     refine_lr = args.refine_lr if args.refine_lr is not None else getattr(run.config, "refine_lr", 1e-2)
     config = CompareConfig(
         batch_size=args.batch_size, init=args.init, particles=args.particles, lr=args.lr, max_steps=args.max_steps,
@@ -316,21 +388,89 @@ COMMANDS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, whose mistakes are one line, ``pvae <command>: error: ...``, and exit code 2."""
+
+    def error(self, text: str):
+        self.exit(2, f"{self.prog}: error: {text} (see {self.prog} --help)\n")
+
+
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pvae", description="Variational autoencoders as Pyro programs.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="pvae", description="Variational autoencoders as Pyro programs.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for name, (add_arguments, _, help_text) in COMMANDS.items():
-        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(command)
+        command.add_argument("--debug", action="store_true",
+                             help="on an error, show Python's traceback instead of one line (default: off)")
     return parser
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, or ``SystemExit(2)`` after one line naming the mistake (``SystemExit(0)`` after
+    --help)."""
+    parser = make_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named by the command they were given to, not by "pvae"
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def check_writable(folder) -> None:
+    """Fail now, in words, if nothing can be written in ``folder`` (read-only, no permission)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        e.filename = str(folder)
+        raise
+
+
+# a mistake in what was given (exit code 2), rather than a failure on the way (1)
+INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+
+
+def describe(error: BaseException) -> str:
+    """The one line for ``error``: a setting named by the flag that gives it."""
+    if isinstance(error, ConfigError) and error.where is None and error.key in FLAG_OF:
+        return "; ".join([f"{FLAG_OF[error.key]} {error.problem}", *getattr(error, "__notes__", [])])
+    return message(error)
+
+
+def _terminate(signum, frame):
+    raise Interrupted(signum)
+
+
 def main(argv=None) -> int:
-    args = make_parser().parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # --help, or a mistake argparse found (its one line is printed)
+        return e.code
+    prog = f"pvae {args.command}"
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None  # SIGTERM says why, as SIGINT
     try:
         return COMMANDS[args.command][1](args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, FloatingPointError, ProgramError) as e:
-        print(f"pvae {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt as e:
+        if args.debug:
+            raise
+        signum = getattr(e, "signum", signal.SIGINT)
+        interrupted = e if str(e) else Interrupted(signum)  # Python's own KeyboardInterrupt says nothing
+        for note in getattr(e, "__notes__", []) if interrupted is not e else []:
+            add_note(interrupted, note)
+        print(f"{prog}: {message(interrupted)}", file=sys.stderr)
+        return 128 + signum
+    except Exception as e:
+        if args.debug:
+            raise
+        expected = isinstance(e, (*INPUT_ERRORS, OSError, FloatingPointError, RuntimeError))
+        text = describe(e) if expected else f"{type(e).__name__}: {describe(e)} (run it again with --debug for the traceback)"
+        print(f"{prog}: error: {text}", file=sys.stderr)
+        return 2 if isinstance(e, INPUT_ERRORS) else 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ Names (:data:`DATASETS`):
 
 import gzip
 import os
+import shutil
+import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Optional
@@ -24,6 +26,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from .errors import ConfigError
 from .programs import Batch
 
 BINARIZE = ("none", "static", "dynamic", "threshold")
@@ -213,13 +216,18 @@ def load_dataset(
     if binarize not in BINARIZE:
         raise ValueError(f"unknown binarization {binarize!r}: choose one of {', '.join(BINARIZE)}")
     if name in DATASETS:
+        if data_dir is not None and name in EMBEDDED:
+            raise ConfigError("data_dir", f"is not used by the {name} data set, which is embedded: leave it out")
+        if data_dir is not None and not Path(data_dir).is_dir():
+            raise ConfigError("data_dir", f"{data_dir}: no such folder: give the folder that holds the {name} files")
         loaded = DATASETS[name](data_dir, download)
     elif Path(name).is_dir():
+        if data_dir is not None:
+            raise ConfigError("data_dir", f"is not used when the data set is a folder ({name}): leave it out")
         loaded = _idx_folder(Path(name))
     else:
-        raise ValueError(
-            f"unknown data set {name!r}: choose one of {', '.join(DATASETS)}, or give a folder of IDX files"
-        )
+        raise ConfigError("dataset", f"{name!r} is unknown: choose one of {', '.join(DATASETS)}, or give a folder "
+                          "of IDX files")
     train_x, train_y, test_x, test_y, image_shape = loaded
     if test_x is None:  # no official test set: split one off, seeded
         g = torch.Generator().manual_seed(seed)
@@ -231,7 +239,7 @@ def load_dataset(
     if val_size is None:
         val_size = 5000 if train_x.shape[0] >= 50000 else train_x.shape[0] // 10
     if not 0 <= val_size < train_x.shape[0]:
-        raise ValueError(f"val_size must be in [0, {train_x.shape[0]}), got {val_size}")
+        raise ConfigError("val_size", f"must be in [0, {train_x.shape[0]}) for {name}, got {val_size}")
     n_train = train_x.shape[0] - val_size
     data = Dataset(
         name=Path(name).name if name not in DATASETS else name,
@@ -256,6 +264,14 @@ def binarize_dataset(data: Dataset, mode: str, seed: int = 0) -> Dataset:
         raise ValueError(f"data set {data.name!r} is already binarized ({data.binarize})")
     if mode == "none":
         return data
+    for split in SPLITS:
+        x = data.split(split)[0]
+        if x.numel() and not bool(((x >= 0) & (x <= 1)).all()):  # False for NaN too
+            finite = x[torch.isfinite(x)]
+            span = f"from {finite.min().item():g} to {finite.max().item():g}" if finite.numel() else "no finite ones"
+            nan = ", and NaN or infinite ones" if finite.numel() < x.numel() else ""
+            raise ValueError(f"binarizing ({mode}) needs values in [0, 1], but the {split} split of {data.name!r} "
+                             f"holds values {span}{nan}: scale the data to [0, 1], or do not binarize (none)")
     if mode == "threshold":
         binary = lambda x: (x >= 0.5).to(x.dtype)  # noqa: E731
     else:
@@ -298,10 +314,13 @@ def _torchvision_idx(cls_name: str, cache_name: str):
         import torchvision.datasets
 
         root = roots[0]
+        created = _first_missing(root / cls_name)
         try:
             for train in (True, False):
                 getattr(torchvision.datasets, cls_name)(str(root), train=train, download=True)
         except Exception as e:  # URLError, HTTPError, checksum errors: all mean "not here"
+            if created is not None:  # a failed download leaves no folders behind
+                shutil.rmtree(created, ignore_errors=True)
             raise RuntimeError(
                 f"could not download {cache_name} into {root} ({e}); without network, put its four "
                 f"IDX files ({', '.join(IDX_FILES.values())}, plain or .gz) in a folder and pass it "
@@ -310,6 +329,16 @@ def _torchvision_idx(cls_name: str, cache_name: str):
         return _idx_folder(root / cls_name / "raw")
 
     return load
+
+
+def _first_missing(path: Path) -> Optional[Path]:
+    """The outermost folder on the way to ``path`` that does not exist yet (what a download creates)."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
 
 
 def _frey(data_dir, download):
@@ -327,6 +356,7 @@ def _frey(data_dir, download):
     return x, None, None, None, (1, 28, 20)
 
 
+EMBEDDED = ("digits",)  # data sets that read no files
 DATASETS = {
     "digits": _digits,
     "mnist": _torchvision_idx("MNIST", "mnist"),
@@ -343,8 +373,12 @@ def read_idx(path) -> np.ndarray:
     """Read one IDX file (plain or gzip), as in LeCun's MNIST format: magic, dims, big-endian data."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise ValueError(f"{path} is not a whole gzip file ({e or type(e).__name__}): download it again, or "
+                         "give it uncompressed without the .gz") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise ValueError(f"{path} is not an IDX file (bad magic number)")
     dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}

@@ -333,7 +333,11 @@ def inspect_programs(model, guide, batch: Batch, check: bool = True) -> ProgramI
     batch = Batch.of(batch)
     with torch.no_grad(), poutine.block():
         guide_trace = run_traced(guide, batch)
-        model_trace = run_traced(poutine.replay(model, trace=guide_trace), batch, "model")
+        try:
+            model_trace = run_traced(poutine.replay(model, trace=guide_trace), batch, "model")
+        except (RuntimeError, ValueError) as e:
+            _explain_shapes(model, batch, guide_trace, e)
+            raise
     q_sites, p_sites = latent_sites(guide_trace), sample_sites(model_trace)
     frames = [f for t in (guide_trace, model_trace) for s in sample_sites(t).values()
               for f in s["cond_indep_stack"] if f.vectorized]
@@ -395,6 +399,23 @@ def inspect_programs(model, guide, batch: Batch, check: bool = True) -> ProgramI
         analytic_kl=analytic,
         discrete=tuple(discrete),
     )
+
+
+def _explain_shapes(model, batch: Batch, guide_trace, error: Exception) -> None:
+    """The model failed on the guide's values: if a guide site's shape differs from the model's own
+    draw of that site (a latent of the wrong size), say so, rather than the decoder's shape error."""
+    try:
+        prior_trace = poutine.trace(model).get_trace(batch)
+    except Exception:  # the model fails alone too: its own error says more
+        return
+    p_sites = sample_sites(prior_trace)
+    for name, site in latent_sites(guide_trace).items():
+        if name in p_sites and site["value"].shape != p_sites[name]["value"].shape:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ProgramError(
+                f"guide site {name!r} has shape {tuple(site['value'].shape)} where the model's has "
+                f"{tuple(p_sites[name]['value'].shape)}: give the guide's {name!r} the model's size (the model "
+                f"failed on the guide's value: {first})") from None
 
 
 def _check_batch_dim(name, site, frame, data_dim, batch_size, role) -> None:

@@ -6,17 +6,22 @@ Models are a name in :data:`MODELS` or a factory of your own, ``"module:function
 Guides are a family in :data:`GUIDES`, built from whichever model by tracing it (:mod:`pvae.guides`).
 """
 
-import dataclasses
 import importlib
 import importlib.util
 import inspect
+import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from .data import Dataset, load_dataset
+from pvae.models.likelihoods import LIKELIHOODS
+from pvae.models.networks import ACTIVATIONS
+
+from .data import BINARIZE, Dataset, load_dataset
+from .errors import ConfigError
 from .train import FitConfig
+from .utils import dataclass_from_dict
 
 
 @dataclass
@@ -33,7 +38,7 @@ class RunConfig:
     guide: Optional[str] = "amortized"  # a name in GUIDES; None: the guide the model's factory returns
     likelihood: str = "bernoulli"  # bernoulli, continuous-bernoulli or gaussian
     latent_dim: int = 2
-    hidden: tuple = (400,)  # hidden layer widths of the MLP encoder and decoder
+    hidden: tuple[int, ...] = (400,)  # hidden layer widths of the MLP encoder and decoder
     activation: str = "relu"
     refine_steps: int = 5  # semi-amortized guide: gradient steps refining the encoder's q per batch
     refine_lr: float = 1e-2  # semi-amortized guide: the size of those steps
@@ -42,17 +47,26 @@ class RunConfig:
 
     def __post_init__(self):
         if isinstance(self.fit, dict):
-            self.fit = FitConfig(**self.fit)
+            self.fit = FitConfig.from_dict(self.fit)
         self.hidden = tuple(self.hidden)
         if self.model is not None and self.model not in MODELS and ":" not in self.model:
-            raise ValueError(f"unknown model {self.model!r}: choose one of {', '.join(MODELS)}, or a factory "
-                             "'module:function'")
+            raise ConfigError("model", f"{self.model!r} is unknown: choose one of {', '.join(MODELS)}, or a factory "
+                              "'module:function'")
         if self.guide is not None and self.guide not in GUIDES:
-            raise ValueError(f"unknown guide {self.guide!r}: choose one of {', '.join(GUIDES)}")
+            raise ConfigError("guide", f"{self.guide!r} is unknown: choose one of {', '.join(GUIDES)}")
+        for name, choices in (("binarize", BINARIZE), ("likelihood", LIKELIHOODS), ("activation", ACTIVATIONS)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(name, f"{getattr(self, name)!r} is unknown: choose one of {', '.join(choices)}")
         if self.latent_dim < 1:
-            raise ValueError(f"latent_dim must be at least 1, got {self.latent_dim}")
-        if self.refine_steps < 0 or not self.refine_lr > 0:
-            raise ValueError(f"refine_steps must be >= 0 and refine_lr > 0, got {self.refine_steps}, {self.refine_lr}")
+            raise ConfigError("latent_dim", f"must be at least 1, got {self.latent_dim}")
+        if any(width < 1 for width in self.hidden):
+            raise ConfigError("hidden", f"widths must be at least 1, got {' '.join(map(str, self.hidden))}")
+        if self.val_size is not None and self.val_size < 0:
+            raise ConfigError("val_size", f"must be >= 0, got {self.val_size}")
+        if self.refine_steps < 0:
+            raise ConfigError("refine_steps", f"must be >= 0, got {self.refine_steps}")
+        if not 0 < self.refine_lr < math.inf:
+            raise ConfigError("refine_lr", f"must be positive and finite, got {self.refine_lr}")
 
     def to_dict(self) -> dict:
         """Everything but the fit config, which the run folder keeps beside it."""
@@ -61,10 +75,13 @@ class RunConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
+    def from_dict(cls, d: dict, where: Optional[str] = None) -> "RunConfig":
+        """A saved run's config, checked: an unknown key, a wrong type or a bad value is refused by name
+        (and file, ``where``)."""
+        if not isinstance(d, dict):
+            raise ConfigError("run", "must be a JSON object of settings", where)
         aliases = {"seed": "seed_data"}  # a Dataset's source names its seed "seed"
-        return cls(**{aliases.get(k, k): v for k, v in d.items() if aliases.get(k, k) in known})
+        return dataclass_from_dict(cls, {aliases.get(k, k): v for k, v in d.items()}, where, "run")
 
 
 # ----------------------------------------------------------------------------- models

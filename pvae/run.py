@@ -23,11 +23,12 @@ import torch
 
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .data import Dataset
-from .metrics import MetricsWriter
+from .errors import ConfigError, Interrupted, add_note, message
+from .metrics import CSV, JSONL, MetricsWriter, read_metrics
 from .programs import Batch, Program, ProgramInfo, inspect_programs
 from .svi import program_modules
-from .train import Callback, FitConfig, FitState
-from .utils import rng_state, set_rng_state, write_json
+from .train import Callback, EpochProgress, FitConfig, FitState
+from .utils import remove_temporaries, rng_state, set_rng_state, write_json
 
 CONFIG_JSON = "config.json"
 FORMAT = 2
@@ -86,8 +87,15 @@ def restore_programs(model: Program, guide: Program, saved: dict, where: str = "
 
 
 class RunFolder(Callback):
-    """The run folder of a fit: ``config.json`` (once), ``metrics.jsonl`` and ``metrics.csv`` (every
-    epoch), ``checkpoint.pt`` (every ``checkpoint_every`` epochs and after the last)."""
+    """The run folder of a fit: ``config.json`` (once), ``checkpoint.pt`` (every ``checkpoint_every``
+    epochs and after the last) and then ``metrics.jsonl`` and ``metrics.csv`` (every epoch).
+
+    When the fit stops, it says which checkpoint the folder keeps, or that there is none; a fit
+    interrupted between two steps (SIGINT, SIGTERM) is saved at that step, and resumes there; a run that
+    stopped before its first checkpoint (it has its ``config.json``) resumes from its first step. A
+    checkpoint is written only from finite tensors, so a diverged fit keeps the last good one. The
+    temporary files of writes that a killed run left are removed when the next fit starts.
+    """
 
     def __init__(self, path, resume: bool = False, run_config: Optional[dict] = None):
         self.path = Path(path)
@@ -95,12 +103,22 @@ class RunFolder(Callback):
         self.run_config = run_config
         self.checkpoint = self.path / CHECKPOINT
         self.writer = None
+        self.saved = None  # (epochs done, step) of the checkpoint on disk, once the fit has started
+        self.in_epoch = None  # steps into the next epoch of that checkpoint, when it stopped inside one
 
     def on_fit_start(self, state: FitState) -> None:
-        if self.resume:
-            if not self.checkpoint.is_file():
-                raise FileNotFoundError(f"cannot resume: no {CHECKPOINT} in {self.path}")
+        if self.path.is_dir():
+            remove_temporaries(self.path, (CHECKPOINT, CONFIG_JSON, JSONL, CSV))
+        if self.resume and not self.checkpoint.is_file() and not (self.path / CONFIG_JSON).is_file():
+            raise FileNotFoundError(f"cannot resume: no {CHECKPOINT} in {self.path}: is it the run folder?")
+        if self.resume and self.checkpoint.is_file():  # else it stopped before its first checkpoint: from step 0
             self._restore(state, load_checkpoint(self.checkpoint, map_location="cpu"))
+            if state.config.epochs <= state.epoch:
+                if len(_metrics_or_none(self.path)) < len(state.history):  # killed after its last checkpoint
+                    MetricsWriter(self.path, tensorboard=False).write(state.history)
+                raise ConfigError("epochs", f"is {state.config.epochs}, but the run in {self.path} has done "
+                                  f"{state.epoch} epochs: to train on, ask for more")
+            self.saved = (state.epoch, state.steps)
         elif self.checkpoint.exists():
             raise FileExistsError(
                 f"{self.path} already holds a run; resume it, or choose another folder (nothing was overwritten)"
@@ -112,49 +130,100 @@ class RunFolder(Callback):
             self.writer.write(state.history)
 
     def on_epoch_end(self, state: FitState, record: dict) -> None:
-        self.writer.write(state.history)
         every = state.config.checkpoint_every
         if record["epoch"] == state.config.epochs or (every and record["epoch"] % every == 0):
-            save_checkpoint(self.checkpoint, {
-                "format": FORMAT,
-                "epoch": state.epoch,
-                "step": state.steps,
-                "seconds": state.seconds,
-                "history": state.history,
-                "config": {"fit": asdict(state.config), "run": self.run_config},
-                "programs": program_state(state.model, state.guide),
-                "optimizers": state.step.state_dict(),
-                "rng": rng_state(),
-                "generator": state.generator.get_state(),
-            })
+            self._save(state)  # before the metrics: they never show an epoch that a first checkpoint lacks
+        self.writer.write(state.history)
+
+    def on_fit_error(self, state: FitState, error: BaseException) -> None:
+        if self.writer is None:  # stopped before it started: nothing of this fit to save or tell
+            return
+        if isinstance(error, Interrupted) and error.resumable and self.saved != (state.epoch, state.steps):
+            try:
+                self._save(state)
+            except (OSError, FloatingPointError) as e:
+                add_note(error, f"could not save it: {message(e)}")
+            else:
+                add_note(error, f"saved {self._where()}")
+                return
+        add_note(error, f"{self.checkpoint} keeps {self._where()}" if self.saved else "no checkpoint was written")
 
     def on_fit_end(self, state: FitState) -> None:
         if self.writer is not None:
             self.writer.close()
 
+    def _where(self) -> str:
+        epoch, steps = self.saved
+        return f"epoch {epoch} (step {steps})" if self.in_epoch is None else \
+            f"step {steps}, {self.in_epoch} steps into epoch {epoch + 1}"
+
+    def _save(self, state: FitState) -> None:
+        progress = state.progress
+        save_checkpoint(self.checkpoint, {
+            "format": FORMAT,
+            "epoch": state.epoch,
+            "step": state.steps,
+            "seconds": state.seconds,
+            "history": state.history,
+            "config": {"fit": asdict(state.config), "run": self.run_config},
+            "programs": program_state(state.model, state.guide),
+            "optimizers": state.step.state_dict(),
+            "rng": rng_state(),
+            "generator": state.generator.get_state(),
+            # inside an epoch: where it stopped, from which the same epoch goes on
+            **({"progress": {"batches": progress.batches, "generator": progress.generator,
+                             "losses": progress.losses.cpu(), "seconds": progress.seconds}} if progress else {}),
+        })
+        self.saved, self.in_epoch = (state.epoch, state.steps), progress.batches if progress else None
+
     def _restore(self, state: FitState, saved: dict) -> None:
         _check_format(saved, self.checkpoint)
-        _check_same_config(saved["config"]["fit"], state.config)
+        _check_same_config(FitConfig.from_dict(saved["config"]["fit"], str(self.checkpoint)), state.config)
         restore_programs(state.model, state.guide, saved["programs"], str(self.checkpoint))
         state.step.load_state_dict(saved["optimizers"])
         set_rng_state(saved["rng"])
         state.generator.set_state(saved["generator"])
         state.history, state.epoch, state.steps, state.seconds = (
             saved["history"], saved["epoch"], saved["step"], saved["seconds"])
+        if "progress" in saved:
+            p = saved["progress"]
+            state.progress = EpochProgress(p["batches"], p["generator"], p["losses"], p["seconds"])
+            self.in_epoch = p["batches"]
         if self.run_config is None:
             self.run_config = saved["config"].get("run")
 
 
+def _metrics_or_none(path) -> list:
+    try:
+        return read_metrics(path)
+    except (OSError, ValueError):
+        return []
+
+
+# what RunFolder writes in every checkpoint
+KEYS = ("format", "epoch", "step", "seconds", "history", "config", "programs", "optimizers", "rng", "generator")
+
+
 def _check_format(saved: dict, path) -> None:
-    if not isinstance(saved, dict) or saved.get("format") != FORMAT or "programs" not in saved:
-        raise ValueError(f"{path} is not a pvae checkpoint of format {FORMAT}")
+    if not isinstance(saved, dict) or "programs" not in saved:
+        raise ValueError(f"{path} is not a pvae checkpoint (a torch file of another program?): give the run "
+                         "folder that pvae train or pvae.fit wrote")
+    if saved.get("format") != FORMAT:
+        raise ValueError(f"{path} is a pvae checkpoint of format {saved.get('format')}, not {FORMAT}: "
+                         "this version of pvae cannot read it")
+    missing = [k for k in KEYS if k not in saved]
+    config = saved.get("config")
+    if not missing and not (isinstance(config, dict) and "fit" in config and "run" in config):
+        missing = ["config.fit", "config.run"]
+    if missing:
+        raise ValueError(f"{path} is an incomplete pvae checkpoint (no {', '.join(missing)}): was it edited?")
 
 
-def _check_same_config(saved: dict, config: FitConfig) -> None:
-    now = asdict(config)
-    differ = [k for k in now if k not in ("epochs", "progress", "validate") and saved.get(k) != now[k]]
+def _check_same_config(saved: FitConfig, config: FitConfig) -> None:
+    before, now = asdict(saved), asdict(config)
+    differ = [k for k in now if k not in ("epochs", "progress", "validate") and before[k] != now[k]]
     if differ:
-        pairs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in differ)
+        pairs = ", ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in differ)
         raise ValueError(f"cannot resume with a different fit config ({pairs}); only epochs may change")
 
 
@@ -180,10 +249,35 @@ class Run:
 
 
 def read_config(run_dir) -> dict:
+    """A run folder's ``config.json``, checked: valid JSON, with its ``fit`` section a valid
+    :class:`FitConfig` and a ``run`` section (the command line's settings; null for a fit from Python
+    without a factory). An error names the file and the key."""
     path = Path(run_dir) / CONFIG_JSON
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_JSON} in {run_dir}: is it a run folder written by pvae?")
-    return json.loads(path.read_text())
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): fix it, or copy it back from the checkpoint's "
+                         "config") from None
+    if not isinstance(saved, dict):
+        raise ConfigError("the file", "must hold a JSON object with the sections fit and run", str(path))
+    for section in ("fit", "run"):
+        if section not in saved:
+            raise ConfigError(section, "section is missing", str(path))
+    FitConfig.from_dict(saved["fit"], str(path))
+    if saved["run"] is not None and not isinstance(saved["run"], dict):
+        raise ConfigError("run", "must be a JSON object of settings, or null", str(path))
+    return saved
+
+
+def run_config_from(saved: dict, where: str):
+    """The :class:`~pvae.registry.RunConfig` of a saved config (``config.json``, or a checkpoint's), checked
+    key by key; None for a fit from Python that recorded none."""
+    from .registry import RunConfig
+
+    fit = FitConfig.from_dict(saved["fit"], where)
+    return RunConfig.from_dict({**saved["run"], "fit": fit}, where) if saved["run"] else None
 
 
 def load_run(run_dir, device=None, model=None, guide=None, data: Optional[Dataset] = None) -> Run:
@@ -192,13 +286,18 @@ def load_run(run_dir, device=None, model=None, guide=None, data: Optional[Datase
     The data and programs are rebuilt from the run's config (the command line's names, or the factory a
     Python fit recorded); or pass them: ``load_run(RUN, model=m, guide=g, data=d)``.
     """
-    from .registry import RunConfig, build, load_data
+    from .registry import build, load_data
 
+    where = str(Path(run_dir) / CHECKPOINT) if Path(run_dir).is_dir() else str(run_dir)
     state = load_checkpoint(run_dir, map_location="cpu")
-    _check_format(state, Path(run_dir) / CHECKPOINT)
-    saved_run = state["config"].get("run")
-    fit_config = FitConfig(**state["config"]["fit"])
-    cfg = RunConfig.from_dict({**saved_run, "fit": state["config"]["fit"]}) if saved_run else None
+    _check_format(state, where)
+    fit_config = FitConfig.from_dict(state["config"]["fit"], where)
+    try:
+        cfg = run_config_from(state["config"], where)
+    except ConfigError:
+        if data is None or model is None or guide is None:
+            raise
+        cfg = None  # programs and data given: the saved settings are the caller's own record
     if data is None:
         if cfg is None or cfg.dataset is None:
             raise ValueError(f"{run_dir} was fitted from Python on data given as tensors: pass them, "
@@ -223,7 +322,7 @@ def load_run(run_dir, device=None, model=None, guide=None, data: Optional[Datase
     if data.binarize == "dynamic":
         probe = Batch(torch.bernoulli(probe.x), probe.idx, probe.num_data, probe.inputs, probe.split)
     info = inspect_programs(model, guide, probe)  # builds lazily set-up guides, declares every pyro.param
-    restore_programs(model, guide, state["programs"], str(Path(run_dir) / CHECKPOINT))
+    restore_programs(model, guide, state["programs"], where)
     for program in (model, guide):
         for module in program_modules(program):
             module.to(device).eval()

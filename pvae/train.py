@@ -8,20 +8,24 @@ loop knows no file names.
 """
 
 import math
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import pyro
 import torch
 from tqdm.auto import tqdm
 
 from .data import Dataset, batches
+from .errors import ConfigError, Interrupted
 from .inference import ELBOS, KLWeight, batched, elbo_terms, make_elbo
 from .programs import Batch, Program, ProgramInfo, inspect_programs
 from .protocols import has_q_for
 from .svi import SVIStep, collect_params, make_optimizers, program_modules
-from .utils import set_seed
+from .utils import dataclass_from_dict, set_seed
 
 
 @dataclass
@@ -51,17 +55,22 @@ class FitConfig:
     def __post_init__(self):
         for name in ("epochs", "batch_size", "num_particles", "eval_batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise ConfigError(name, f"must be at least 1, got {getattr(self, name)}")
         for name in ("eval_every", "eval_train_size", "checkpoint_every", "kl_warmup_epochs"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ConfigError(name, f"must be >= 0 and finite, got {getattr(self, name)}")
         for name in ("lr", "local_lr"):
             if not 0 < getattr(self, name) < math.inf:
-                raise ValueError(f"{name} must be positive and finite, got {getattr(self, name)}")
+                raise ConfigError(name, f"must be positive and finite, got {getattr(self, name)}")
         if not 0 <= self.beta < math.inf:
-            raise ValueError(f"beta must be >= 0 and finite, got {self.beta}")
+            raise ConfigError("beta", f"must be >= 0 and finite, got {self.beta}")
         if self.elbo not in ELBOS:
-            raise ValueError(f"unknown ELBO {self.elbo!r}: choose one of {', '.join(ELBOS)}")
+            raise ConfigError("elbo", f"{self.elbo!r} is unknown: choose one of {', '.join(ELBOS)}")
+
+    @classmethod
+    def from_dict(cls, d: dict, where: Optional[str] = None) -> "FitConfig":
+        """The config a run folder saved, checked: unknown keys and wrong types are refused by name."""
+        return dataclass_from_dict(cls, d, where, "fit")
 
 
 @dataclass
@@ -79,10 +88,22 @@ class FitState:
     epoch: int = 0  # epochs done
     steps: int = 0
     seconds: float = 0.0  # in training steps, evaluation excluded
+    progress: Optional["EpochProgress"] = None  # the epoch under way, when a fit stopped inside it
 
     @property
     def num_data(self) -> int:
         return self.data.train.shape[0]
+
+
+@dataclass
+class EpochProgress:
+    """How far an epoch went before a fit stopped inside it: enough to go on with the same batches, the
+    same random draws and the same sums as a fit that never stopped."""
+
+    batches: int  # batches done
+    generator: torch.Tensor  # the batch generator's state when the epoch began
+    losses: torch.Tensor  # (batches,) their losses
+    seconds: float  # spent in them
 
 
 class Callback:
@@ -92,6 +113,11 @@ class Callback:
 
     def on_epoch_end(self, state: FitState, record: dict) -> None:
         """After each epoch, in the order the callbacks were given: earlier ones may add to ``record``."""
+
+    def on_fit_error(self, state: FitState, error: BaseException) -> None:
+        """The fit stops with ``error``: a divergence, a failed write, an :class:`~pvae.errors.Interrupted`
+        (whose ``state`` is consistent, at a step boundary, when ``error.resumable``). Save what is safe to
+        save, and say what was saved with :func:`pvae.errors.add_note`. Before :meth:`on_fit_end`."""
 
     def on_fit_end(self, state: FitState) -> None: ...
 
@@ -196,10 +222,15 @@ def fit(
         hooks.append(RunFolder(out_dir, resume, run_config if run_config is not None else run_config_for(data, factory)))
     elif resume:
         raise ValueError("resume needs out_dir, the run folder to continue")
-    for hook in hooks:
-        hook.on_fit_start(state)
     try:
-        _loop(state, hooks)
+        for hook in hooks:
+            hook.on_fit_start(state)
+        with StopRequests() as stop:
+            _loop(state, hooks, stop)
+    except BaseException as error:
+        for hook in hooks:
+            hook.on_fit_error(state, error)
+        raise
     finally:
         for hook in hooks:
             hook.on_fit_end(state)
@@ -209,7 +240,12 @@ def fit(
                      state.seconds, state.steps, info)
 
 
-def _loop(state: FitState, hooks: list) -> None:
+# a loss per datapoint beyond this many nats per observed value, either sign, is no model's: the fit
+# diverged (a Bernoulli pixel costs that much only at logits of 1e4; float32 densities stay far below)
+MAX_NATS_PER_VALUE = 1e4
+
+
+def _loop(state: FitState, hooks: list, stop: "StopRequests") -> None:
     config, step = state.config, state.step
     device = state.data.train.device
     steps_per_epoch = math.ceil(state.num_data / config.batch_size)
@@ -218,18 +254,37 @@ def _loop(state: FitState, hooks: list) -> None:
     for epoch in range(state.epoch + 1, config.epochs + 1):
         for module in modules:
             module.train()
-        loss_sum = torch.zeros((), device=device)
+        # the steps' losses stay on the device until the epoch ends: no host synchronization per step
+        losses = torch.zeros(steps_per_epoch, device=device)
+        done, seconds = 0, 0.0
+        if state.progress is not None:  # resumed inside this epoch: the same batches from its start
+            done, seconds = state.progress.batches, state.progress.seconds
+            state.generator.set_state(state.progress.generator)
+            losses[:done] = state.progress.losses.to(device)
+            state.progress = None
+        epoch_generator = state.generator.get_state()
         start = time.perf_counter()
         bar = tqdm(batches(state.data, config.batch_size, state.generator), total=steps_per_epoch,
                    desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress, leave=False)
-        for batch in bar:
+        for i, batch in enumerate(bar):
+            if i < done:  # drawn, as their random draws must be, and done already
+                continue
+            if stop.signum is not None:  # between steps, where the state is whole
+                if i > done:
+                    state.progress = EpochProgress(i, epoch_generator, losses[:i].clone(),
+                                                   seconds + time.perf_counter() - start)
+                raise Interrupted(stop.signum, f"in epoch {epoch} after {i} of its {steps_per_epoch} steps "
+                                  f"(step {state.steps})", resumable=True)
             if warmup_steps:
                 step.kl_weight.weight = config.beta * min(1.0, (state.steps + 1) / warmup_steps)
-            loss_sum += step(batch)
+            losses[i] = step(batch)
             state.steps += 1
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
+        seconds += time.perf_counter() - start
+        bar.close()
+        losses = losses.tolist()
+        _check_divergence(state, losses, epoch)
         state.seconds += seconds
         state.epoch = epoch
         record = {
@@ -239,13 +294,8 @@ def _loop(state: FitState, hooks: list) -> None:
             "elapsed": state.seconds,
             "kl_weight": step.kl_weight.weight if step.kl_weight is not None else 1.0,
             # the training objective per datapoint (-ELBO at this KL weight), averaged over the epoch
-            "train_loss": loss_sum.item() / (steps_per_epoch * state.num_data),
+            "train_loss": math.fsum(losses) / (steps_per_epoch * state.num_data),
         }
-        if not math.isfinite(record["train_loss"]):
-            raise FloatingPointError(
-                f"the training loss became {record['train_loss']} in epoch {epoch}: lower the learning rate "
-                f"(lr {config.lr}) or check the model's likelihood for values outside its support"
-            )
         for module in modules:
             module.eval()
         state.history.append(record)  # hooks add to the record in place
@@ -253,6 +303,73 @@ def _loop(state: FitState, hooks: list) -> None:
             hook.on_epoch_end(state, record)
         if config.progress:
             tqdm.write(_summary(record))
+    if stop.signum is not None:  # asked to stop during the last epoch's evaluation or checkpoint
+        raise Interrupted(stop.signum, f"after the last epoch, {state.epoch}", resumable=True, complete=True)
+
+
+def _check_divergence(state: FitState, losses: list, epoch: int) -> None:
+    """Stop a fit whose loss left the plausible range or turned NaN, or whose parameters did (a NaN
+    gradient on a finite loss), naming the epoch and the step."""
+    first_step = state.steps - len(losses) + 1
+    values_per_datapoint = state.data.train[0].numel()
+    bound = MAX_NATS_PER_VALUE * values_per_datapoint
+    advice = (f"lower the learning rate (lr {state.config.lr}) or check the model's likelihood for values "
+              "outside its support")
+    for i, loss in enumerate(losses):
+        per_datapoint = loss / state.num_data
+        if abs(per_datapoint) <= bound:
+            continue
+        if math.isfinite(per_datapoint):
+            what = (f"the loss per datapoint reached {per_datapoint:.3g}, beyond any plausible value "
+                    f"({MAX_NATS_PER_VALUE:g} nats for each of its {values_per_datapoint} values)")
+        else:
+            what = f"the loss became {per_datapoint}"
+        raise FloatingPointError(f"the fit diverged in epoch {epoch} at step {first_step + i}: {what}: {advice}")
+    params = state.step.params
+    finite = torch.stack([torch.isfinite(p.detach()).all().to(params[0].device) for p in params]).tolist()
+    if not all(finite):
+        name = _param_names(state).get(id(params[finite.index(False)]), "a parameter")
+        raise FloatingPointError(
+            f"the fit diverged in epoch {epoch} by step {state.steps}: {name} holds NaN or infinite values while "
+            f"the loss stayed finite (a NaN gradient): {advice}")
+
+
+def _param_names(state: FitState) -> dict:
+    """``{id(tensor): name}`` of the trainable tensors, for messages."""
+    names = {}
+    for role, program in (("model", state.model), ("guide", state.guide)):
+        for module in program_modules(program):
+            names.update({id(p): f"{role} parameter {n!r}" for n, p in module.named_parameters()})
+    names.update({id(p): f"pyro.param {n!r}" for n, p in pyro.get_param_store().named_parameters()})
+    return names
+
+
+class StopRequests:
+    """SIGINT and SIGTERM while a fit runs: the first asks the loop to stop at the next step boundary
+    (``signum`` is set), where the fit's state is whole and can be saved; a second stops at once, as
+    Python would. Installed only in the main thread, and not over a signal set to be ignored."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise Interrupted(signum, "at once, by a second signal", resumable=False)
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 class EvaluateEpochs(Callback):

@@ -144,5 +144,8 @@ def test_frey_faces_from_a_mat_file(tmp_path):
     all_x = torch.cat([data.train, data.val, data.test])
     images = torch.as_tensor(ff.T, dtype=torch.float32) / 255  # one face per row
     assert_close(all_x.sum(1).sort().values, images.sum(1).sort().values, atol=1e-4)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="frey_rawface.mat"):
+        load_dataset("frey", data_dir=str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="data_dir .*nowhere: no such folder"):
         load_dataset("frey", data_dir=str(tmp_path / "nowhere"))

@@ -129,7 +129,7 @@ def test_kl_warmup_raises_the_weight_linearly_to_beta():
 
 @pytest.mark.parametrize("field,value", [("epochs", 0), ("lr", 0.0), ("elbo", "iwae"), ("num_particles", 0), ("beta", -1.0)])
 def test_fit_config_names_bad_values(field, value):
-    with pytest.raises(ValueError, match=field if field != "elbo" else "unknown ELBO"):
+    with pytest.raises(ValueError, match=field):
         pvae.FitConfig(**{field: value})
 
 
@@ -164,8 +164,9 @@ def test_cuda_device_is_refused_clearly_when_absent():
 def test_a_diverging_fit_stops_with_a_clear_error_and_saves_no_nan_checkpoint(tmp_path):
     x = torch.randn(200, 4)
     config = pvae.FitConfig(epochs=2, lr=1e30, eval_every=0, **QUIET)
-    with pytest.raises(FloatingPointError, match="became nan in epoch 1: lower the learning rate"):
+    with pytest.raises(FloatingPointError, match="diverged in epoch 1 at step 2: the loss became nan: lower the learning rate") as e:
         pvae.fit(LinearGaussian(4, 2), mlp_guide(4, 2, ()), x, config, out_dir=tmp_path)
+    assert e.value.__notes__ == ["no checkpoint was written"]
     assert not (tmp_path / CHECKPOINT).exists()
 
 
