@@ -20,7 +20,7 @@ from torch import nn
 from pvae.models.networks import ACTIVATIONS, ConvEncoder, mlp
 from pvae.programs import Batch, ProgramError
 
-from .sites import SiteGuide, gaussian_sites
+from .sites import LocalFamily, SiteGuide, gaussian_sites
 
 
 class AmortizedGuide(SiteGuide):
@@ -35,12 +35,15 @@ class AmortizedGuide(SiteGuide):
     :param classes: ``{name: K}`` for integer side inputs, one-hot encoded over K classes.
     :param in_features: the encoder's input size, to build it now rather than at the first call
         (with ``sites``).
+    :param family: builds the family of q from the sites: the diagonal
+        :class:`~pvae.guides.sites.LocalFamily` by default, or a joint one of :mod:`pvae.guides.flows`
+        (``FullCovariance()``, ``PlanarFlow(steps)``); the head outputs its parameters.
     """
 
     def __init__(self, model=None, *, sites=None, body: Optional[nn.Module] = None, hidden: Sequence[int] = (400,),
                  activation: str = "relu", inputs: Optional[Sequence[str]] = None, classes: Optional[dict] = None,
-                 in_features: Optional[int] = None):
-        super().__init__(model, sites)
+                 in_features: Optional[int] = None, family=LocalFamily):
+        super().__init__(model, sites, family)
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}")
         if any(h < 1 for h in hidden):
@@ -101,22 +104,22 @@ class AmortizedGuide(SiteGuide):
         return self.family.unpack(self.head(self.body(self.features(batch))))
 
     def encode(self, x: torch.Tensor) -> tuple:
-        """``(loc, scale)`` of q(z | x) for a model with one continuous local site, ``(B, D)`` each."""
+        """``(loc, scale)`` of q(z | x) for a model with one continuous local site, ``(B, D)`` each (of a
+        flow family, its base Gaussian's)."""
         (site,) = self.family.continuous
-        params = self.local_params(Batch.of(x))[site.name]
-        return params["loc"], params["scale"]
+        return self.family.loc_scale(self.local_params(Batch.of(x)), site.name)
 
 
 def mlp_guide(num_pixels: int, latent_dim: int = 20, hidden: Sequence[int] = (400,), activation: str = "relu",
-              name: str = "z") -> AmortizedGuide:
+              name: str = "z", family=LocalFamily) -> AmortizedGuide:
     """The built-in VAE's encoder: an MLP ``num_pixels -> hidden... -> 2 * latent_dim`` for one
-    Gaussian site ``name`` in R^latent_dim; ``hidden=()`` makes it linear. For a model of your own,
-    build ``AmortizedGuide(model)`` instead."""
+    Gaussian site ``name`` in R^latent_dim; ``hidden=()`` makes it linear; ``family`` as for
+    :class:`AmortizedGuide`. For a model of your own, build ``AmortizedGuide(model)`` instead."""
     return AmortizedGuide(sites=gaussian_sites(latent_dim, name), hidden=hidden, activation=activation,
-                          in_features=num_pixels, inputs=())
+                          in_features=num_pixels, inputs=(), family=family)
 
 
-def conv_guide(image_shape, latent_dim: int = 20, name: str = "z") -> AmortizedGuide:
+def conv_guide(image_shape, latent_dim: int = 20, name: str = "z", family=LocalFamily) -> AmortizedGuide:
     """A convolutional encoder for 28x28 images and one Gaussian site."""
     return AmortizedGuide(sites=gaussian_sites(latent_dim, name), body=ConvEncoder(image_shape),
-                          in_features=image_shape[0] * image_shape[1] * image_shape[2], inputs=())
+                          in_features=image_shape[0] * image_shape[1] * image_shape[2], inputs=(), family=family)

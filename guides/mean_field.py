@@ -29,7 +29,7 @@ from torch import nn
 
 from pvae.programs import Batch, ProgramError
 
-from .sites import SCALE_FLOOR, SiteGuide, gaussian_sites
+from .sites import SCALE_FLOOR, LocalFamily, SiteGuide, gaussian_sites
 
 
 class MeanFieldGuide(SiteGuide):
@@ -44,11 +44,13 @@ class MeanFieldGuide(SiteGuide):
     :param sparse: sparse gradients (``torch.optim.SparseAdam``, a step touches only the batch's rows).
     :param split: the split whose rows the table holds: a batch of another split is refused, since its
         ``idx`` would look up the wrong datapoints.
+    :param family: builds the family of q from the sites (the diagonal one by default; see
+        :class:`~pvae.guides.AmortizedGuide`).
     """
 
     def __init__(self, model=None, num_data: Optional[int] = None, *, sites=None, init_scale: float = 0.1,
-                 sparse: bool = True, split: str = "train"):
-        super().__init__(model, sites)
+                 sparse: bool = True, split: str = "train", family=LocalFamily):
+        super().__init__(model, sites, family)
         if num_data is not None and num_data < 1:
             raise ValueError(f"num_data must be at least 1, got {num_data}")
         if not init_scale > SCALE_FLOOR:

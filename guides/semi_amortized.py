@@ -61,7 +61,8 @@ class ParamsGuide:
 def refine(model, batch, params: dict, family: LocalFamily, steps: int, lr: float, num_particles: int = 1,
            globals_: Optional[nn.Module] = None, elbo=None) -> dict:
     """``steps`` steps of gradient ascent with step size ``lr`` on each datapoint's ELBO under ``model``,
-    whose parameters stay as they are, in the locs and log-scales of every continuous local site.
+    whose parameters stay as they are, in the locs and log-scales of every continuous local site (and a
+    joint family's other parameters, :mod:`pvae.guides.flows`).
     Plain gradient steps climb for ``lr`` below 2 / (the bound's largest curvature, about the largest
     posterior precision) and diverge above it, which raises a ``ValueError``.
 
@@ -81,31 +82,34 @@ def refine(model, batch, params: dict, family: LocalFamily, steps: int, lr: floa
     batch = Batch.of(batch)
     # each datapoint's own ELBO, unscaled: the gradient in its parameters is its own
     batch = Batch.of(batch.x, inputs=batch.inputs, split=batch.split)
-    names = [s.name for s in family.continuous]
-    loc = {n: params[n]["loc"].detach() for n in names}
-    log_scale = {n: params[n]["scale"].detach().log() for n in names}
+    # the continuous sites' parameters (a joint family's base and flow too), scales as log-scales
+    names = [n for n, p in params.items() if "logits" not in p]
+    coords = {(n, k): (v.detach().log() if k == "scale" else v.detach()) for n in names for k, v in params[n].items()}
     fixed = {n: {k: v.detach() for k, v in p.items()} for n, p in params.items() if n not in names}
+
+    def current():
+        natural = {n: {} for n in names}
+        for (n, k), v in coords.items():
+            natural[n][k] = v.exp() if k == "scale" else v
+        return {**fixed, **natural}
+
     model = Program(model)
     with torch.enable_grad(), poutine.block():
         if elbo is None and steps:
-            start = {**fixed, **{n: {"loc": loc[n], "scale": log_scale[n].exp()} for n in names}}
-            elbo = lean_elbo(inspect_programs(model, ParamsGuide(family, start, globals_), batch, check=False), 1)
+            elbo = lean_elbo(inspect_programs(model, ParamsGuide(family, current(), globals_), batch, check=False), 1)
         for _ in range(steps):
-            leaves = [t.requires_grad_(True) for n in names for t in (loc[n], log_scale[n])]
-            current = {**fixed, **{n: {"loc": loc[n], "scale": log_scale[n].exp()} for n in names}}
+            leaves = [t.requires_grad_(True) for t in coords.values()]
             # one particle at a time, not vectorized: a particle plate here would collide with the one the
             # guide itself may be run under (training with particles, evaluation)
-            loss = sum(elbo.differentiable_loss(model, Program(ParamsGuide(family, current, globals_), "guide"), batch)
-                       for _ in range(num_particles)) / num_particles
-            grads = iter(torch.autograd.grad(loss, leaves))
-            for n in names:
-                loc[n] = (loc[n] - lr * next(grads)).detach()
-                log_scale[n] = (log_scale[n] - lr * next(grads)).detach()
+            guide = Program(ParamsGuide(family, current(), globals_), "guide")
+            loss = sum(elbo.differentiable_loss(model, guide, batch) for _ in range(num_particles)) / num_particles
+            for key, grad in zip(list(coords), torch.autograd.grad(loss, leaves)):
+                coords[key] = (coords[key] - lr * grad).detach()
     # checked once: a step that diverges leaves inf or NaN behind, which every later step keeps
-    if not all(torch.isfinite(t).all() for n in names for t in (loc[n], log_scale[n])):
+    if not all(torch.isfinite(t).all() for t in coords.values()):
         raise ValueError(f"the refinement diverged: its step size {lr} is too large for this model's "
                          "posterior curvature; take a smaller one")
-    return {**fixed, **{n: {"loc": loc[n], "scale": log_scale[n].exp()} for n in names}}
+    return current()
 
 
 class SemiAmortizedGuide(nn.Module):

@@ -256,6 +256,10 @@ class LocalFamily:
                     values[site.name] = pyro.sample(site.name, fn)
         return values
 
+    def loc_scale(self, params: dict, name: str) -> tuple:
+        """``(loc, scale)`` per dimension of the continuous site ``name`` in unconstrained space, ``(B, n)``."""
+        return params[name]["loc"], params[name]["scale"]
+
     def describe(self) -> str:
         return ", ".join(f"{s.name} {s.kind} {tuple(s.shape)}" for s in self.sites) or "no local sites"
 
@@ -315,17 +319,19 @@ def prototype_values(model, batch: Batch, names) -> dict:
 
 class SiteGuide(nn.Module):
     """What the three guides share: the sites found in the model (lazily, at the first call, as Pyro's
-    autoguides do), a :class:`LocalFamily` over the local ones, a :class:`GlobalGuide` over the global
-    ones, and Pyro's calling conventions. Subclasses set up their parameters in :meth:`_setup_local`
-    and give each batch's parameters in :meth:`local_params`."""
+    autoguides do), a family of q over the local ones (by default the diagonal :class:`LocalFamily`;
+    ``family`` builds another from the sites, :mod:`pvae.guides.flows`), a :class:`GlobalGuide` over the
+    global ones, and Pyro's calling conventions. Subclasses set up their parameters in
+    :meth:`_setup_local` and give each batch's parameters in :meth:`local_params`."""
 
-    def __init__(self, model=None, sites=None):
+    def __init__(self, model=None, sites=None, family=LocalFamily):
         super().__init__()
         if model is None and sites is None:
             raise ValueError("give the model the guide is built from, or its sites")
         object.__setattr__(self, "model", model)  # by reference: the model's weights are its own
+        self.make_family = family
         self.sites = tuple(sites) if sites is not None else None
-        self.family = LocalFamily(self.sites) if sites is not None else None
+        self.family = family(self.sites) if sites is not None else None
         self.globals_ = None
         self._ready = False
 
@@ -335,7 +341,7 @@ class SiteGuide(nn.Module):
         batch = Batch.of(batch)
         if self.sites is None:
             self.sites = model_sites(self.model, batch)
-            self.family = LocalFamily(self.sites)
+            self.family = self.make_family(self.sites)
         global_sites = [s for s in self.sites if not s.is_local]
         if global_sites:
             prototype = prototype_values(self.model, batch, [s.name for s in global_sites])

@@ -9,17 +9,21 @@ step. To train one with ``pyro.infer.SVI`` and a ``pyro.optim`` optimizer instea
 
 from .likelihoods import LIKELIHOODS, Bernoulli, ContinuousBernoulli, Gaussian, make_likelihood
 from .linear_gaussian import LinearGaussian, LinearGaussianHierarchy
+from .two_layer import BottomUpEncoder, TwoLayerVAE, two_layer_vae
 from .vae import VAE, conv_vae, mlp_vae
 
 __all__ = [
     "LIKELIHOODS",
     "Bernoulli",
+    "BottomUpEncoder",
     "ContinuousBernoulli",
     "Gaussian",
     "LinearGaussian",
     "LinearGaussianHierarchy",
+    "TwoLayerVAE",
     "VAE",
     "conv_vae",
     "make_likelihood",
     "mlp_vae",
+    "two_layer_vae",
 ]

@@ -26,8 +26,8 @@ import torch
 from . import plots
 from .data import BINARIZE, DATASETS
 from .errors import ConfigError, Interrupted, add_note, message
-from .inference import ELBOS
-from .protocols import has_q_for
+from .inference import ELBOS, TC_ESTIMATORS
+from .protocols import LocalEncoder, has_q_for
 from .registry import ACTIVATIONS, GUIDES, LIKELIHOODS, MODELS, RunConfig, build, load_data
 from .run import CONFIG_JSON, load_run, read_config, run_config_from, write_comparison, write_evaluation
 from .train import FitConfig, fit
@@ -39,12 +39,13 @@ RUN_FLAGS = {
     "model": "model", "guide": "guide", "likelihood": "likelihood", "latent_dim": "latent_dim",
     "hidden": "hidden", "activation": "activation", "device": "device",
     "refine_steps": "refine_steps", "refine_lr": "refine_lr",
+    "latent_dims": "latent_dims", "layer_hidden": "layer_hidden", "flow_steps": "flow_steps",
 }
 FIT_FLAGS = {
     "epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "elbo": "elbo",
     "particles": "num_particles", "beta": "beta", "kl_warmup": "kl_warmup_epochs", "seed": "seed",
     "eval_every": "eval_every", "checkpoint_every": "checkpoint_every",
-    "local_lr": "local_lr",
+    "local_lr": "local_lr", "tc_beta": "tc_beta", "tc_estimator": "tc_estimator",
 }
 
 
@@ -103,12 +104,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     data.add_argument("--val-size", type=COUNT, help="training images held out for validation (default: 5000 for 28x28 sets, else 10%%)")
     data.add_argument("--labels-as", metavar="NAME", help="also pass the labels to the programs as the side input NAME (a conditional model's y; default: none)")
     arch = p.add_argument_group("model and guide")
-    arch.add_argument("--model", metavar="NAME", help=f"{', '.join(MODELS)}, or your own factory 'module:function' / 'file.py:function' returning a Pyro model or (model, guide) for the data (default: {run['model']}; conv takes 28x28 images)")
-    arch.add_argument("--guide", choices=list(GUIDES), help=f"variational family, built from the model's latent sites (default: {run['guide']}; a factory's own guide when it returns one)")
+    arch.add_argument("--model", metavar="NAME", help=f"{', '.join(MODELS)}, or your own factory 'module:function' / 'file.py:function' returning a Pyro model or (model, guide) for the data (default: {run['model']}; conv takes 28x28 images; two-layer: z2 -> z1 -> x, Burda et al.)")
+    arch.add_argument("--guide", choices=list(GUIDES), help=f"variational family, built from the model's latent sites (default: {run['guide']}; a factory's own guide when it returns one; full-covariance and planar: an encoder's joint Gaussian, or Gaussian and planar flows, over all local sites)")
     arch.add_argument("--likelihood", choices=list(LIKELIHOODS), help=f"p(x|z) per pixel (default: {run['likelihood']})")
     arch.add_argument("--latent-dim", type=POSITIVE_INT, help=f"size of z (default: {run['latent_dim']}; 2 adds latent-space and manifold pictures)")
     arch.add_argument("--hidden", type=POSITIVE_INT, nargs="+", metavar="WIDTH", help=f"hidden widths of the MLPs (default: {' '.join(map(str, run['hidden']))})")
-    arch.add_argument("--activation", choices=list(ACTIVATIONS), help=f"default: {run['activation']}")
+    arch.add_argument("--activation", choices=list(ACTIVATIONS), help=f"default: {run['activation']} (Burda et al.'s models: tanh)")
+    arch.add_argument("--latent-dims", type=POSITIVE_INT, nargs=2, metavar=("D1", "D2"), help=f"two-layer model: the sizes of z1 and z2 (default: {' '.join(map(str, run['latent_dims']))})")
+    arch.add_argument("--layer-hidden", type=POSITIVE_INT, nargs=2, metavar=("H1", "H2"), help=f"two-layer model: widths of z1 -> H1 -> H1 -> x and z2 -> H2 -> H2 -> z1, and of the encoder's x -> H1 -> H1 -> H2 -> H2 (default: {' '.join(map(str, run['layer_hidden']))})")
+    arch.add_argument("--flow-steps", type=POSITIVE_INT, help=f"planar guide: planar maps after the Gaussian (default: {run['flow_steps']})")
     arch.add_argument("--refine-steps", type=COUNT, help=f"semi-amortized guide: K, gradient steps refining the encoder's q per batch (default: {run['refine_steps']})")
     arch.add_argument("--refine-lr", type=POSITIVE, help=f"semi-amortized guide: the size of those steps (default: {run['refine_lr']})")
     opt = p.add_argument_group("fitting")
@@ -117,7 +121,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     opt.add_argument("--lr", type=POSITIVE, help=f"Adam's learning rate (default: {fitd['lr']})")
     opt.add_argument("--local-lr", type=POSITIVE, help=f"mean-field guide: SparseAdam's learning rate for the per-datapoint parameters, each row of which takes one step per epoch (default: {fitd['local_lr']})")
     opt.add_argument("--elbo", choices=list(ELBOS), help=f"{'; '.join(f'{k}: {v}' for k, v in ELBOS.items())} (default: {fitd['elbo']}; enumerated models get enum)")
-    opt.add_argument("--particles", type=POSITIVE_INT, help=f"samples of z per datapoint and step (default: {fitd['num_particles']})")
+    opt.add_argument("--particles", type=POSITIVE_INT, help=f"samples of z per datapoint and step; iwae and dreg: the bound's K (default: {fitd['num_particles']})")
+    opt.add_argument("--tc-beta", type=NON_NEGATIVE, help=f"--elbo tc: the weight of the total correlation, beta of the beta-TCVAE (default: {fitd['tc_beta']}, the ELBO)")
+    opt.add_argument("--tc-estimator", choices=list(TC_ESTIMATORS), help=f"--elbo tc: how q(z) is estimated from the minibatch, minibatch weighted or stratified sampling (default: {fitd['tc_estimator']})")
     opt.add_argument("--beta", type=NON_NEGATIVE, help=f"KL weight after warm-up; > 1 is a beta-VAE (default: {fitd['beta']})")
     opt.add_argument("--kl-warmup", type=NON_NEGATIVE, metavar="EPOCHS", help="epochs over which the KL weight rises linearly from 0 (default: 0)")
     opt.add_argument("--seed", type=SEED, help=f"seeds the initial weights and the training (default: {fitd['seed']})")
@@ -175,12 +181,13 @@ def run_train(args) -> int:
         raise e.within(str(out / CONFIG_JSON), "run") if args.resume and e.where is None else e
     set_seed(cfg.fit.seed)  # the initial weights; fit seeds the training itself
     model, guide = build(cfg, data)
-    what = f"{cfg.model} VAE ({cfg.likelihood}, z in R^{cfg.latent_dim})" if cfg.model in MODELS else cfg.model
+    dims = getattr(model, "latent_dims", (cfg.latent_dim,))
+    what = f"{cfg.model} VAE ({cfg.likelihood}, z in {' x '.join(f'R^{d}' for d in dims)})" if cfg.model in MODELS else cfg.model
     print(f"pvae train: {what} with the {cfg.guide or type(guide).__name__} guide "
           f"on {data.name} ({data.train.shape[0]} train / {data.test.shape[0]} test), {device}, run folder {out}")
     callbacks = []
-    has_encoder = hasattr(guide, "encode") and has_q_for(guide, "test")  # not mean-field
-    if cfg.latent_dim == 2 and not args.no_figures and data.train_labels is not None and has_encoder and cfg.model in MODELS:
+    if (getattr(model, "latent_dim", None) == 2 and not args.no_figures and data.train_labels is not None
+            and _encodes_one_site(guide) and cfg.model in MODELS):
         callbacks.append(_latent_snapshots(out, data.to(device), cfg.fit.epochs))
     try:
         result = fit(model, guide, data, cfg.fit, out_dir=out, resume=args.resume, device=device,
@@ -217,15 +224,22 @@ def _latent_snapshots(out: Path, data, epochs: int):
     return snapshot
 
 
+def _encodes_one_site(guide) -> bool:
+    """Whether ``guide.encode(x)`` gives the loc of the model's one latent site for any x (not a
+    mean-field or semi-amortized guide, nor a model of several sites)."""
+    return (hasattr(guide, "encode") and isinstance(guide, LocalEncoder) and has_q_for(guide, "test")
+            and len(guide.family.continuous) == 1)
+
+
 def write_figures(out: Path, model, guide, data, cfg: RunConfig, history, device) -> None:
     if not hasattr(model, "decode"):
         return
     generator = torch.Generator().manual_seed(cfg.fit.seed)
     plots.plot_samples(model, out / "samples.png", data.image_shape, device=device, generator=generator)
-    if hasattr(guide, "encode") and has_q_for(guide, "test"):
+    if _encodes_one_site(guide):
         plots.plot_reconstructions(model, guide, data.test, data.image_shape, out / "reconstructions.png")
         plots.plot_latent(guide, data.test, data.test_labels, out / "latent.png")
-    if cfg.latent_dim == 2:
+    if model.latent_dim == 2:
         plots.plot_manifold(model, data.image_shape, out / "manifold.png", device=device)
     # a mean-field guide has no test ELBO (no q for held-out data): its curve is the training rows'
     key = "test_elbo" if any("test_elbo" in r for r in history) else "train_elbo"

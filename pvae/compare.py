@@ -4,10 +4,11 @@ from the posterior (Cremer, Li & Duvenaud 2018), for any model with local latent
 For a trained model and datapoints :func:`compare_inference` measures, per datapoint,
 
 - :math:`\\mathcal L[q]`, the ELBO of the amortized guide (a semi-amortized guide's encoder);
-- :math:`\\mathcal L[q^*]`, the ELBO of the best q of the mean-field family over *all* continuous local
-  sites (a diagonal Normal in unconstrained space per site, :class:`~pvae.guides.LocalFamily`),
-  optimized for each datapoint on the frozen model (:func:`optimize_local`: all datapoints of a batch
-  at once, Adam, many particles per step, until the batch's bound stops improving);
+- :math:`\\mathcal L[q^*]`, the ELBO of the best q of the guide's family over *all* continuous local
+  sites (a diagonal Normal in unconstrained space per site, :class:`~pvae.guides.LocalFamily`; for a
+  guide with a joint family, :mod:`pvae.guides.flows`, the best full-covariance Gaussian or planar
+  flow), optimized for each datapoint on the frozen model (:func:`optimize_local`: all datapoints of
+  a batch at once, Adam, many particles per step, until the batch's bound stops improving);
 - :math:`\\mathcal L[q_K]`, the encoder's q after K steps of gradient ascent over all local sites
   jointly (:func:`pvae.guides.refine`, the refinement of semi-amortized inference, Kim et al. 2018);
 - :math:`\\log \\hat p(x)`, the importance-weighted bound with many samples (Burda et al. 2015),
@@ -237,14 +238,15 @@ def compare_inference(
         raise ValueError("no datapoints to compare on")
     set_seed(config.seed, clear_param_store=False)  # the model's pyro.params are trained
     probe = batch.rows(slice(0, config.batch_size))
-    family = LocalFamily(model_sites(model, probe))
+    encoder = study_encoder(guide)
+    # q* within the encoder's own family (a flow guide's flows), else the diagonal one
+    family = encoder.family if isinstance(encoder, LocalEncoder) else LocalFamily(model_sites(model, probe))
     discrete = [s.name for s in family.sites if s.kind != "continuous"]
     if discrete:
         raise ProgramError(f"the gap study optimizes q* over continuous sites, and site(s) {', '.join(discrete)} "
                            "are discrete: mark them `infer={'enumerate': 'parallel'}` in the model to sum them out")
     if not family.sites:
         raise ProgramError("the model has no continuous local latent site: there is no q to compare")
-    encoder = study_encoder(guide)
     means = {}
     if guide is not None:
         means = global_means(guide, probe, inspect_programs(model, guide, probe))

@@ -54,11 +54,11 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
-from torch.distributions import Independent, kl_divergence
+from torch.distributions import kl_divergence
 from tqdm.auto import tqdm
 
 from .estimate import Estimate
-from .inference import LogMeanExp, iwae_bound, log_weight_chunks
+from .inference import LogMeanExp, factorized, iwae_bound, log_weight_chunks
 from .programs import (
     PARTICLES,
     Batch,
@@ -420,7 +420,7 @@ def _latent_sums(traces: tuple, info: ProgramInfo, shape: tuple) -> tuple:
             means.append(per_dim(q.mean, site, q.event_dim).sum(0))
         except NotImplementedError:
             means.append(value.sum(0))
-        q1, p1 = _univariate(q), _univariate(p)
+        q1, p1 = factorized(q), factorized(p)
         if q1 is None or p1 is None or len(p.batch_shape) > len(q.batch_shape):
             # no KL per dimension of a joint distribution, nor of a prior over enumerated values
             kls.append(value.new_full((b, size), math.nan))
@@ -436,13 +436,6 @@ def _latent_sums(traces: tuple, info: ProgramInfo, shape: tuple) -> tuple:
         empty = torch.zeros(b, 0)
         return names, empty, empty
     return names, torch.cat(means, -1), torch.cat(kls, -1)
-
-
-def _univariate(fn):
-    """The elementwise distribution under ``.to_event``, or None if ``fn`` does not factorize."""
-    while isinstance(fn, Independent):
-        fn = fn.base_dist
-    return fn if fn.event_shape == () else None
 
 
 def _per_dim(value: torch.Tensor, site: dict, event_dim: int, particle_dim: int, shape: tuple) -> torch.Tensor:

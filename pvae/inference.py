@@ -8,7 +8,12 @@ Objectives (:func:`make_elbo`), chosen from what :func:`~pvae.programs.inspect_p
   each site where it is exact (``analytic-kl``);
 - a model with enumerated discrete sites (or ``enum``): Pyro's ``TraceEnum_ELBO``, which sums them
   out exactly;
-- otherwise Pyro's ``Trace_ELBO``, with score-function terms for the guide's discrete sites.
+- otherwise Pyro's ``Trace_ELBO``, with score-function terms for the guide's discrete sites;
+- ``iwae`` and ``dreg``: the importance-weighted bound (:class:`ImportanceWeightedELBO`) as the
+  training objective, its encoder gradient plain or doubly reparameterized;
+- ``tc``: the beta-TCVAE, the ELBO with its total correlation weighted (:class:`TotalCorrelationELBO`).
+
+The last three are reductions of the stream below, as the evaluation's measures are.
 
 The stream (:func:`log_weight_chunks`): K particles :math:`z_k \\sim q(z \\mid x)` per datapoint,
 drawn in chunks under a vectorized plate, the model replayed on them, and per particle and datapoint
@@ -21,12 +26,16 @@ References:
 
 1. Kingma & Welling, *Auto-Encoding Variational Bayes*, arXiv 1312.6114.
 2. Burda, Grosse & Salakhutdinov, *Importance Weighted Autoencoders*, arXiv 1509.00519.
+3. Tucker, Lawson, Gu & Maddison, *Doubly Reparameterized Gradient Estimators for Monte Carlo
+   Objectives*, arXiv 1810.04152.
+4. Chen, Li, Grosse & Duvenaud, *Isolating Sources of Disentanglement in Variational Autoencoders*,
+   arXiv 1802.04942.
 """
 
 import math
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Optional
 
 import pyro
@@ -39,12 +48,13 @@ from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 from pyro.ops import packed
 from pyro.ops.contract import contract_to_tensor
 from pyro.poutine.messenger import Messenger
-from torch.distributions import kl_divergence
+from torch.distributions import Independent, kl_divergence
 
 from .programs import (
     DATA,
     PARTICLES,
     Batch,
+    ProgramError,
     ProgramInfo,
     as_program,
     data_frame,
@@ -58,23 +68,36 @@ ELBOS = {
     "trace": "Monte Carlo estimate of every term (Trace_ELBO)",
     "analytic-kl": "the KL in closed form where it is exact, Monte Carlo elsewhere",
     "enum": "enumerated discrete sites summed out exactly (TraceEnum_ELBO)",
+    "iwae": "the importance-weighted bound over --particles K samples (Burda et al. 2015)",
+    "dreg": "the importance-weighted bound, its encoder gradient doubly reparameterized (Tucker et al. 2018)",
+    "tc": "the beta-TCVAE: the ELBO minus (--tc-beta - 1) x the total correlation (Chen et al. 2018)",
 }
+TC_ESTIMATORS = ("mws", "stratified")  # how the beta-TCVAE estimates q(z) from a minibatch
+# objectives that are reductions of the stream: they read unscaled densities, so no KL weight enters
+STREAM_OBJECTIVES = ("iwae", "dreg", "tc")
 
 
 class PvaeWarning(UserWarning):
     """What pvae says once about a choice it made for the user (an objective's fallback, ...)."""
 
 
-def make_elbo(name: str = "trace", num_particles: int = 1, info: Optional[ProgramInfo] = None):
+def make_elbo(name: str = "trace", num_particles: int = 1, info: Optional[ProgramInfo] = None,
+              tc_beta: float = 1.0, tc_estimator: str = "mws"):
     """The training objective ``name`` for programs described by ``info`` (see the module docstring).
 
     ``analytic-kl`` takes the closed-form KL of each site where it is exact and says once, as a
     :class:`PvaeWarning`, which sites take the Monte Carlo term instead. Particles are vectorized.
+    ``iwae`` and ``dreg`` take ``num_particles`` as the bound's K; ``tc`` weights the total correlation
+    by ``tc_beta``, estimated by ``tc_estimator`` (see :func:`kl_decomposition`).
     """
     if name not in ELBOS:
         raise ValueError(f"unknown ELBO {name!r}: choose one of {', '.join(ELBOS)}")
     if num_particles < 1:
         raise ValueError(f"num_particles must be at least 1, got {num_particles}")
+    if name in ("iwae", "dreg"):
+        return ImportanceWeightedELBO(num_particles, info, doubly_reparameterized=name == "dreg")
+    if name == "tc":
+        return TotalCorrelationELBO(tc_beta, tc_estimator, num_particles, info)
     if info is None:
         return Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1)
     if name == "analytic-kl":
@@ -235,13 +258,21 @@ def particle_traces(model, guide, batch: Batch, num_particles: int, info: Progra
 
 
 def log_weights(model, guide, batch, num_particles: int = 1, info: Optional[ProgramInfo] = None,
-                keep_traces: bool = False) -> LogWeights:
+                keep_traces: bool = False, dreg: Optional["DoublyReparameterized"] = None) -> LogWeights:
     """One chunk of the stream: :class:`LogWeights` of ``num_particles`` particles for ``batch``
     (a :class:`~pvae.programs.Batch` or a tensor of datapoints). Densities are unscaled: the data
-    plate's N / B and any :class:`KLWeight` do not enter."""
+    plate's N / B and any :class:`KLWeight` do not enter.
+
+    :param dreg: the guide's gradients doubly reparameterized (:class:`DoublyReparameterized`): the
+        values are the same, ``log_q`` has no score term and the gradient reaching the latents is
+        scaled by the weights the objective sets.
+    """
     batch = Batch.of(batch)
     info = info or inspect_programs(model, guide, batch, check=False)
-    guide_trace, model_trace = particle_traces(model, guide, batch, num_particles, info)
+    if dreg is None:
+        guide_trace, model_trace = particle_traces(model, guide, batch, num_particles, info)
+    else:
+        guide_trace, model_trace, live, stopped = dreg.traces(model, guide, batch, num_particles, info)
     outer, shape = -(info.plate_nesting + 1), (num_particles, len(batch))
 
     def per_datapoint(site):
@@ -255,11 +286,14 @@ def log_weights(model, guide, batch, num_particles: int = 1, info: Optional[Prog
     zeros, zero = batch.x.new_zeros(shape), batch.x.new_zeros(num_particles)
     log_q, global_log_q = zeros, zero
     q_sites = latent_sites(guide_trace)
-    for site in q_sites.values():
+    for name, site in q_sites.items():
         if data_frame(site) is None:
             global_log_q = global_log_q + per_particle(site)
-        else:
+        elif dreg is None:
             log_q = log_q + per_datapoint(site)
+        else:  # the same value; its gradient only through the latents, as if q's parameters were constants
+            at_stopped = per_datapoint(stopped.nodes[name])
+            log_q = log_q + per_datapoint(live.nodes[name]) - at_stopped + at_stopped.detach()
 
     log_likelihood, log_prior, global_log_p = zeros, zeros, zero
     kl = zeros if q_sites else None
@@ -288,6 +322,84 @@ def log_weights(model, guide, batch, num_particles: int = 1, info: Optional[Prog
         log_p = log_likelihood + log_prior
     traces = (guide_trace, model_trace) if keep_traces else None
     return LogWeights(log_p, log_q, log_likelihood, kl, global_log_p, global_log_q, traces)
+
+
+class DoublyReparameterized:
+    """The doubly reparameterized gradient of the importance-weighted bound (Tucker et al. 2018).
+
+    With :math:`z_k = z(\\epsilon_k, \\phi)` reparameterized and :math:`\\tilde w_k` the normalized
+    weights, the bound's gradient in the guide's parameters :math:`\\phi` is, in expectation,
+
+    .. math:: \\nabla_\\phi \\log \\frac1K \\sum_k w_k \\;\\to\\; \\sum_k \\tilde w_k^2\\,
+        \\frac{\\partial \\log w_k}{\\partial z_k} \\frac{\\partial z_k}{\\partial \\phi},
+
+    with :math:`\\log w_k = \\log p(x, z_k) - \\log q(z_k)` and q's parameters held constant in the
+    partial derivative: the score term :math:`\\partial_\\phi \\log q(z_k; \\phi)`, whose expectation is
+    zero and whose variance grows with K, is gone. The model's gradient stays the IWAE's,
+    :math:`\\sum_k \\tilde w_k \\nabla_\\theta \\log p(x, z_k)`.
+
+    :meth:`traces` gets this from any guide whose density can be evaluated at given values, in one
+    model pass: the model is replayed on the latents ``z'``, equal to the guide's ``z`` but with
+    their gradient multiplied by :math:`\\tilde w_k` on its way back (:attr:`weights`, which the
+    objective sets from the log-weights before the backward pass), and the guide is replayed twice,
+    at ``z'`` and at ``z`` detached: :math:`\\log q(z'; \\phi) - \\log q(\\bar z; \\phi)` carries the path
+    through the latents and no score term, since the two score terms cancel. Scaling at the points
+    where the densities read the latents, rather than on the latents themselves, keeps the factor
+    :math:`\\tilde w_k` single where one latent is computed from another in the guide (a flow's
+    sites from its base, ``z2`` from ``z1``).
+    """
+
+    def __init__(self):
+        self.weights = None  # (K, B): the normalized importance weights, detached
+
+    def traces(self, model, guide, batch: Batch, num_particles: int, info: ProgramInfo) -> tuple:
+        """``(guide trace, model trace, guide at z', guide at z detached)``, log-densities computed."""
+        model, guide = as_program(model, "model"), as_program(guide, "guide")
+        outer = -(info.plate_nesting + 1)
+        with pyro.plate(PARTICLES, num_particles, dim=outer):
+            guide_trace = poutine.trace(guide).get_trace(batch)
+            q_sites = latent_sites(guide_trace)
+            scaled = {name: self._scaled(site, outer) for name, site in q_sites.items()}
+            replayed = guide_trace.copy()
+            for name, value in scaled.items():
+                replayed.nodes[name] = {**replayed.nodes[name], "value": value}
+            if info.enumerated:
+                model = poutine.enum(model, first_available_dim=outer - 1)
+            model_trace = poutine.trace(poutine.replay(model, trace=replayed)).get_trace(batch)
+            stopped = {name: site["value"].detach() for name, site in q_sites.items()}
+            try:
+                live = poutine.trace(poutine.condition(guide, data=scaled)).get_trace(batch)
+                at_stopped = poutine.trace(poutine.condition(guide, data=stopped)).get_trace(batch)
+                live.compute_log_prob()
+                at_stopped.compute_log_prob()
+            except (KeyError, NotImplementedError) as e:
+                raise ProgramError(
+                    "dreg evaluates log q(z) at the guide's own draws with its parameters held constant, and "
+                    f"this guide cannot evaluate its density at a given value ({type(e).__name__}: "
+                    f"{str(e).strip()[:80]}; a planar flow has no inverse): use --elbo iwae"
+                ) from None
+        guide_trace.compute_log_prob()
+        model_trace.compute_log_prob()
+        return guide_trace, model_trace, live, at_stopped
+
+    def _scaled(self, site: dict, outer: int) -> torch.Tensor:
+        """The site's value, its gradient multiplied by the particle's and datapoint's weight (global
+        sites, which the importance-weighted objectives refuse, are left as they are)."""
+        value = site["value"]
+        frame = data_frame(site)
+        if not value.requires_grad or frame is None:
+            return value
+        batch_dims = value.dim() - site["fn"].event_dim
+        k_axis, b_axis = batch_dims + outer, batch_dims + frame.dim
+        scaled = value.view_as(value)
+
+        def scale(grad):
+            view = [1] * grad.dim()
+            view[k_axis], view[b_axis] = self.weights.shape
+            return grad * self.weights.reshape(view)
+
+        scaled.register_hook(scale)
+        return scaled
 
 
 def _reduce_to_data(value: torch.Tensor, site: dict, outer: int, shape: tuple) -> torch.Tensor:
@@ -391,6 +503,234 @@ def iwae_bound(model, guide, batch, num_samples: int = 1000, chunk_size: int = 1
     for lw in log_weight_chunks(model, guide, batch, num_samples, chunk_size, info):
         bound.add(lw.log_w)
     return bound.value()
+
+
+# ----------------------------------------------------------------------------- objectives on the stream
+
+
+class ImportanceWeightedELBO:
+    """The importance-weighted bound (Burda et al. 2015) as the training objective, scaled to the data
+    set as the ELBO is:
+
+    .. math:: -\\mathcal L_K = -\\frac{N}{B} \\sum_{b=1}^{B} \\log \\frac1K \\sum_{k=1}^{K}
+        \\frac{p(x_b, z_{kb})}{q(z_{kb} \\mid x_b)}, \\qquad z_{kb} \\sim q(z \\mid x_b),
+
+    a reduction of the stream (:func:`log_weights`); K = 1 is the ELBO. Its gradient in the model's
+    parameters is :math:`\\sum_k \\tilde w_k \\nabla \\log p(x, z_k)`; in the guide's, the
+    reparameterized gradient of the bound, or with ``doubly_reparameterized`` the DReG estimator of
+    Tucker et al. (:class:`DoublyReparameterized`), which has the same expectation and, for large K,
+    far less variance. The guide's sites must be reparameterized; models with global latent sites are
+    refused (a bound per datapoint has no place for their KL, which the ELBO counts once).
+    """
+
+    def __init__(self, num_particles: int = 1, info: Optional[ProgramInfo] = None,
+                 doubly_reparameterized: bool = False):
+        self.num_particles = num_particles
+        self.doubly_reparameterized = doubly_reparameterized
+        self.info = None if info is None else self._checked(info)
+
+    @property
+    def name(self) -> str:
+        return "dreg" if self.doubly_reparameterized else "iwae"
+
+    def _checked(self, info: ProgramInfo) -> ProgramInfo:
+        _check_stream_objective(self.name, info)
+        return replace(info, analytic_kl=frozenset())  # the bound has no use for closed-form KLs
+
+    def differentiable_loss(self, model, guide, batch) -> torch.Tensor:
+        batch = Batch.of(batch)
+        if self.info is None:
+            self.info = self._checked(inspect_programs(model, guide, batch))
+        dreg = DoublyReparameterized() if self.doubly_reparameterized else None
+        log_w = log_weights(model, guide, batch, self.num_particles, self.info, dreg=dreg).log_w  # (K, B)
+        if dreg is not None:
+            dreg.weights = torch.softmax(log_w.detach(), 0)
+        bound = torch.logsumexp(log_w, 0) - math.log(self.num_particles)  # (B,)
+        return -bound.sum() * (batch.num_data / len(batch))
+
+    def loss(self, model, guide, batch) -> float:
+        with torch.no_grad():
+            return self.differentiable_loss(model, guide, batch).item()
+
+
+def _check_stream_objective(name: str, info: ProgramInfo) -> None:
+    if info.global_:
+        raise ProgramError(
+            f"--elbo {name}: the model has global latent site(s) {', '.join(map(repr, info.global_))}, whose KL this "
+            "per-datapoint objective has no place for: fit it with --elbo trace or analytic-kl"
+        )
+    if not info.reparameterized:
+        raise ProgramError(
+            f"--elbo {name} needs a guide whose sites are all reparameterized, and this one samples discrete sites: "
+            "enumerate them in the model (infer={'enumerate': 'parallel'}) or use --elbo trace"
+        )
+
+
+class TotalCorrelationELBO:
+    """The beta-TCVAE (Chen et al. 2018): the ELBO with the total correlation of the aggregate posterior
+    weighted by ``tc_beta``,
+
+    .. math:: -\\frac{N}{B} \\sum_b \\frac1K \\sum_k \\big[\\log w_{kb} - (\\beta - 1)\\, \\widehat{TC}_{kb}\\big],
+
+    since the KL term splits into mutual information, total correlation and dimension-wise KL
+    (:func:`kl_decomposition`), of which the beta-TCVAE weights the second by :math:`\\beta`.
+    :math:`\\beta = 1` is the ELBO. A reduction of the stream; the guide's local sites must be
+    reparameterized and factorize over their dimensions (as pvae's diagonal guides do).
+    Once an epoch, :meth:`epoch_metrics` gives the three terms on the training rows.
+    """
+
+    def __init__(self, tc_beta: float = 1.0, estimator: str = "mws", num_particles: int = 1,
+                 info: Optional[ProgramInfo] = None):
+        if estimator not in TC_ESTIMATORS:
+            raise ValueError(f"unknown TC estimator {estimator!r}: choose one of {', '.join(TC_ESTIMATORS)}")
+        if not 0 <= tc_beta < math.inf:
+            raise ValueError(f"tc_beta must be >= 0 and finite, got {tc_beta}")
+        self.tc_beta, self.estimator, self.num_particles = tc_beta, estimator, num_particles
+        self.info = None if info is None else self._checked(info)
+
+    @staticmethod
+    def _checked(info: ProgramInfo) -> ProgramInfo:
+        _check_stream_objective("tc", info)
+        if info.enumerated:
+            raise ProgramError("--elbo tc: the model enumerates discrete sites, which leave no prior of the latents "
+                               "apart: use --elbo enum")
+        return replace(info, analytic_kl=frozenset())
+
+    def _stream(self, model, guide, batch: Batch, num_particles: int) -> LogWeights:
+        if self.info is None:
+            self.info = self._checked(inspect_programs(model, guide, batch))
+        return log_weights(model, guide, batch, num_particles, self.info, keep_traces=True)
+
+    def differentiable_loss(self, model, guide, batch) -> torch.Tensor:
+        batch = Batch.of(batch)
+        lw = self._stream(model, guide, batch, self.num_particles)
+        objective = lw.log_w  # (K, B)
+        if self.tc_beta != 1.0:
+            objective = objective - (self.tc_beta - 1.0) * kl_decomposition(lw, batch.num_data, self.estimator).tc
+        return -objective.mean(0).sum() * (batch.num_data / len(batch))
+
+    def loss(self, model, guide, batch) -> float:
+        with torch.no_grad():
+            return self.differentiable_loss(model, guide, batch).item()
+
+    @torch.no_grad()
+    def epoch_metrics(self, model, guide, batch) -> dict:
+        """The means over the rows of ``batch`` of the mutual information, total correlation and
+        dimension-wise KL (one particle each; ``q(z)`` estimated from all rows of the batch, which are
+        ``len(batch)`` of the split's ``batch.num_data``)."""
+        batch = Batch.of(batch)
+        parts = kl_decomposition(self._stream(model, guide, batch, 1), batch.num_data, self.estimator)
+        return {name: getattr(parts, name).mean().item() for name in ("mi", "tc", "dim_kl")}
+
+
+@dataclass
+class KLDecomposition:
+    """Each particle's KL term split in three (Chen et al. 2018), ``(K, B)`` each:
+
+    .. math:: \\log q(z \\mid x) - \\log p(z) = \\underbrace{\\log q(z \\mid x) - \\log \\hat q(z)}_{\\text{mi}}
+        + \\underbrace{\\log \\hat q(z) - \\textstyle\\sum_d \\log \\hat q(z_d)}_{\\text{tc}}
+        + \\underbrace{\\textstyle\\sum_d \\log \\hat q(z_d) - \\log p(z)}_{\\text{dim\\_kl}}
+
+    whose means over the data estimate the index-code mutual information, the total correlation of
+    the aggregate posterior :math:`q(z) = \\frac1N \\sum_n q(z \\mid x_n)` and the dimension-wise KL.
+    """
+
+    mi: torch.Tensor
+    tc: torch.Tensor
+    dim_kl: torch.Tensor
+
+
+def kl_decomposition(lw: LogWeights, num_data: int, estimator: str = "mws", chunk_size: int = 256) -> KLDecomposition:
+    """Chen et al.'s split of the KL (:class:`KLDecomposition`) for a chunk of the stream kept with its
+    traces (``log_weights(..., keep_traces=True)``), its B datapoints a minibatch of a data set of
+    ``num_data``.
+
+    The aggregate posterior at each draw :math:`z_i \\sim q(z \\mid x_i)` is estimated from the
+    minibatch, :math:`\\hat q(z_i) = \\sum_j a_{ij}\\, q(z_i \\mid x_j)`, and each dimension's marginal
+    :math:`\\hat q(z_{id})` with the same weights:
+
+    - ``mws``, minibatch weighted sampling: :math:`a_{ij} = 1/B`, the minibatch taken as B draws from
+      the data. (Chen et al. write :math:`1/(NB)`, which shifts the estimated total correlation by
+      :math:`(D - 1)\\log N`: it would not vanish for a factorized q. The gradient is the same.)
+    - ``stratified``: :math:`a_{ii} = 1/N` for the datapoint's own q and
+      :math:`a_{ij} = (N - 1)/(N (B - 1))` for the others, so that
+      :math:`E[\\hat q(z_i)] = q(z_i)` exactly over minibatches of B distinct rows that contain i.
+
+    Either way each row of weights sums to 1 and the estimate is exact when the minibatch is the whole
+    data set. Every local guide site must factorize over its dimensions (an ``Independent`` of a
+    univariate distribution); rows are taken ``chunk_size`` at a time, so memory is
+    ``K x chunk_size x B x D``.
+    """
+    if estimator not in TC_ESTIMATORS:
+        raise ValueError(f"unknown TC estimator {estimator!r}: choose one of {', '.join(TC_ESTIMATORS)}")
+    if lw.traces is None:
+        raise ValueError("kl_decomposition reads the guide's sites: take the stream with keep_traces=True")
+    if lw.log_prior is None:
+        raise ProgramError("the KL decomposition needs the latents' prior apart from the likelihood, which "
+                           "enumerated sites join")
+    guide_trace = lw.traces[0]
+    sites = [s for s in latent_sites(guide_trace).values() if data_frame(s) is not None]
+    if not sites:
+        raise ProgramError("the guide has no local latent site: there is no KL to decompose")
+    size = lw.log_w.shape[1]
+    mi, tc, dim_kl = [], [], []
+    for rows in torch.arange(size, device=lw.log_w.device).split(chunk_size):
+        cross = torch.cat([_cross_log_q(site, rows) for site in sites], -1)  # (K, I, B, L)
+        log_qz, log_qz_dims = aggregate_log_q(cross, rows, num_data, estimator)
+        mi.append(lw.log_q[:, rows] - log_qz)
+        tc.append(log_qz - log_qz_dims)
+        dim_kl.append(log_qz_dims - lw.log_prior[:, rows])
+    return KLDecomposition(torch.cat(mi, 1), torch.cat(tc, 1), torch.cat(dim_kl, 1))
+
+
+def aggregate_log_q(cross: torch.Tensor, rows: torch.Tensor, num_data: int, estimator: str = "mws") -> tuple:
+    """The minibatch estimates of :func:`kl_decomposition`: :math:`\\log \\hat q(z_i)` and
+    :math:`\\sum_d \\log \\hat q(z_{id})`, ``(K, I)`` each, from the per-dimension log-densities
+    ``cross`` ``(K, I, B, L)`` of the draws of the minibatch's rows ``rows`` (I of its B) under the q of
+    each of its B rows, a minibatch of a data set of ``num_data``."""
+    if estimator not in TC_ESTIMATORS:
+        raise ValueError(f"unknown TC estimator {estimator!r}: choose one of {', '.join(TC_ESTIMATORS)}")
+    size = cross.shape[2]
+    if estimator == "mws" or size == 1:
+        log_a = cross.new_full((len(rows), size), -math.log(size))
+    else:
+        log_a = cross.new_full((len(rows), size), math.log((num_data - 1) / (num_data * (size - 1))))
+        log_a[torch.arange(len(rows), device=rows.device), rows] = -math.log(num_data)
+    log_qz = torch.logsumexp(log_a + cross.sum(-1), -1)
+    log_qz_dims = torch.logsumexp(log_a[..., None] + cross, -2).sum(-1)
+    return log_qz, log_qz_dims
+
+
+def _cross_log_q(site: dict, rows: torch.Tensor) -> torch.Tensor:
+    """``(K, I, B, L)``: :math:`\\log q(z_{k i l} \\mid x_j)` per dimension l of the site, for the draws of
+    datapoints ``rows`` under the q of every datapoint j of the batch."""
+    fn, value = site["fn"], site["value"]
+    univariate = factorized(fn)
+    if univariate is None:
+        raise ProgramError(
+            f"guide site {site['name']!r} has a q that does not factorize over its dimensions "
+            f"({type(fn).__name__}): the total correlation is estimated from per-dimension densities, which "
+            "pvae's diagonal guides have"
+        )
+    dims = {f.name: f.dim for f in site["cond_indep_stack"] if f.vectorized}
+    batch_dims = value.dim() - fn.event_dim
+    b_axis = batch_dims + dims[DATA]
+    draws = value.index_select(b_axis, rows).movedim(b_axis, 0).unsqueeze(b_axis + 1)
+    cross = univariate.log_prob(draws).movedim(b_axis + 1, 1)  # (I, B, the rest of the value's shape)
+    if PARTICLES in dims:
+        k_axis = batch_dims + dims[PARTICLES]
+        cross = cross.movedim(2 + k_axis - (k_axis > b_axis), 0)
+    else:
+        cross = cross.unsqueeze(0)
+    return cross.reshape(cross.shape[0], cross.shape[1], cross.shape[2], -1)
+
+
+def factorized(fn):
+    """The elementwise distribution under ``.to_event``, or None if ``fn`` does not factorize over its
+    dimensions."""
+    while isinstance(fn, Independent):
+        fn = fn.base_dist
+    return fn if fn.event_shape == () else None
 
 
 def batched(fn: Callable, batch: Batch, batch_size: int):

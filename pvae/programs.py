@@ -32,6 +32,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
+from pyro.distributions import Delta
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import kl_divergence
 
@@ -438,6 +439,8 @@ def _exact_kl_sites(model, guide, batch, q_sites, p_sites, enumerated) -> frozen
     names = [n for n in q_sites if n in p_sites and n not in enumerated]
     candidates = []
     for name in names:
+        if isinstance(q_sites[name]["fn"], Delta):
+            continue  # a point mass whose density lives in an auxiliary site (a joint family): no KL of its own
         try:
             kl_divergence(q_sites[name]["fn"], p_sites[name]["fn"])
         except NotImplementedError:
@@ -471,7 +474,11 @@ def _parents(program, batch, sites, latent_names) -> dict:
         parents = {}
         for name in sites:
             others = [n for n in values if n != name]
-            log_p = trace.nodes[name]["fn"].log_prob(values[name])
+            try:
+                log_p = trace.nodes[name]["fn"].log_prob(values[name])
+            except (KeyError, NotImplementedError):  # no density at a given value (a planar flow): any parent
+                parents[name] = set(others)
+                continue
             if not others or not log_p.requires_grad:
                 parents[name] = set()
                 continue

@@ -54,6 +54,15 @@ class GlobalMeans(Protocol):
     def global_means(self) -> dict: ...
 
 
+@runtime_checkable
+class EpochMetrics(Protocol):
+    """A training objective that measures something of the fit once an epoch (the beta-TCVAE: mutual
+    information, total correlation, dimension-wise KL): ``fit`` records ``epoch_metrics(model, guide,
+    batch)`` on its training rows as ``train_<name>``."""
+
+    def epoch_metrics(self, model, guide, batch: Batch) -> dict: ...
+
+
 def has_q_for(guide, split: Optional[str]) -> bool:
     """Whether ``guide`` has a q for the datapoints of ``split``."""
     return not isinstance(guide, PerDatapoint) or split in (None, guide.split)

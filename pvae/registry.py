@@ -40,6 +40,9 @@ class RunConfig:
     latent_dim: int = 2
     hidden: tuple[int, ...] = (400,)  # hidden layer widths of the MLP encoder and decoder
     activation: str = "relu"
+    latent_dims: tuple = (100, 50)  # two-layer model: the sizes of z1 and z2 (Burda et al.)
+    layer_hidden: tuple = (200, 100)  # two-layer model: widths H1 (z1 -> H1 -> H1 -> x), H2 (z2 -> H2 -> H2 -> z1)
+    flow_steps: int = 4  # planar guide: planar maps after the Gaussian
     refine_steps: int = 5  # semi-amortized guide: gradient steps refining the encoder's q per batch
     refine_lr: float = 1e-2  # semi-amortized guide: the size of those steps
     device: str = "auto"  # "auto": CUDA when available, else CPU
@@ -49,6 +52,12 @@ class RunConfig:
         if isinstance(self.fit, dict):
             self.fit = FitConfig.from_dict(self.fit)
         self.hidden = tuple(self.hidden)
+        self.latent_dims, self.layer_hidden = tuple(self.latent_dims), tuple(self.layer_hidden)
+        if len(self.latent_dims) != 2 or len(self.layer_hidden) != 2 or min(*self.latent_dims, *self.layer_hidden) < 1:
+            raise ValueError(f"latent_dims and layer_hidden are two positive sizes each, got {self.latent_dims}, "
+                             f"{self.layer_hidden}")
+        if self.flow_steps < 1:
+            raise ValueError(f"flow_steps must be at least 1, got {self.flow_steps}")
         if self.model is not None and self.model not in MODELS and ":" not in self.model:
             raise ConfigError("model", f"{self.model!r} is unknown: choose one of {', '.join(MODELS)}, or a factory "
                               "'module:function'")
@@ -99,9 +108,16 @@ def _conv_model(cfg: RunConfig, data: Dataset):
     return conv_vae(data.image_shape, cfg.latent_dim, cfg.likelihood)
 
 
+def _two_layer_model(cfg: RunConfig, data: Dataset):
+    from pvae.models import two_layer_vae
+
+    return two_layer_vae(data.num_pixels, cfg.latent_dims, cfg.layer_hidden, cfg.likelihood, cfg.activation)
+
+
 MODELS = {
     "mlp": _mlp_model,  # the VAE with MLP decoder (Kingma & Welling 2013)
     "conv": _conv_model,  # the VAE with a convolutional decoder, 28x28 images
+    "two-layer": _two_layer_model,  # two stochastic layers z2 -> z1 -> x (Burda et al. 2015)
 }
 
 
@@ -166,14 +182,32 @@ def integer_classes(data: Dataset) -> dict:
     return classes
 
 
-def _amortized_guide(cfg: RunConfig, data: Dataset, model):
-    from pvae.guides import AmortizedGuide, conv_guide, mlp_guide
+def _amortized_guide(cfg: RunConfig, data: Dataset, model, family=None):
+    from pvae.guides import AmortizedGuide, LocalFamily, conv_guide, mlp_guide
+    from pvae.models import BottomUpEncoder
 
+    family = family or LocalFamily
     if cfg.model == "conv":
-        return conv_guide(data.image_shape, cfg.latent_dim)
+        return conv_guide(data.image_shape, cfg.latent_dim, family=family)
     if cfg.model == "mlp" and not data.split_inputs("train"):
-        return mlp_guide(data.num_pixels, cfg.latent_dim, cfg.hidden, cfg.activation)
-    return AmortizedGuide(model, hidden=cfg.hidden, activation=cfg.activation, classes=integer_classes(data))
+        return mlp_guide(data.num_pixels, cfg.latent_dim, cfg.hidden, cfg.activation, family=family)
+    if cfg.model == "two-layer":
+        body = BottomUpEncoder(data.num_pixels, cfg.layer_hidden, cfg.activation)
+        return AmortizedGuide(model, body=body, inputs=(), family=family)
+    return AmortizedGuide(model, hidden=cfg.hidden, activation=cfg.activation, classes=integer_classes(data),
+                          family=family)
+
+
+def _full_covariance_guide(cfg: RunConfig, data: Dataset, model):
+    from pvae.guides import FullCovariance
+
+    return _amortized_guide(cfg, data, model, FullCovariance())
+
+
+def _planar_guide(cfg: RunConfig, data: Dataset, model):
+    from pvae.guides import PlanarFlow
+
+    return _amortized_guide(cfg, data, model, PlanarFlow(cfg.flow_steps))
 
 
 def _mean_field_guide(cfg: RunConfig, data: Dataset, model):
@@ -192,6 +226,8 @@ GUIDES = {
     "amortized": _amortized_guide,  # an encoder network q(z | x) for every local site
     "mean-field": _mean_field_guide,  # free parameters per training datapoint: variational EM
     "semi-amortized": _semi_amortized_guide,  # the encoder's q refined by refine_steps gradient steps
+    "full-covariance": _full_covariance_guide,  # the encoder's q a Gaussian over all local sites jointly
+    "planar": _planar_guide,  # the encoder's Gaussian followed by flow_steps planar flows (per datapoint)
 }
 
 

@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 
 from .data import Dataset, batches
 from .errors import ConfigError, Interrupted
-from .inference import ELBOS, KLWeight, batched, elbo_terms, make_elbo
+from .inference import ELBOS, STREAM_OBJECTIVES, TC_ESTIMATORS, KLWeight, batched, elbo_terms, make_elbo
 from .programs import Batch, Program, ProgramInfo, inspect_programs
-from .protocols import has_q_for
+from .protocols import EpochMetrics, has_q_for
 from .svi import SVIStep, collect_params, make_optimizers, program_modules
 from .utils import dataclass_from_dict, set_seed
 
@@ -38,9 +38,11 @@ class FitConfig:
     # SparseAdam's learning rate for per-datapoint parameters (a mean-field guide's tables): each row
     # takes one step per epoch, not one per batch, so it needs larger steps than the decoder's
     local_lr: float = 3e-2
-    elbo: str = "trace"  # "trace", "analytic-kl" or "enum" (see pvae.inference.make_elbo)
-    num_particles: int = 1  # samples of z per datapoint and step, vectorized
+    elbo: str = "trace"  # a name in pvae.inference.ELBOS: trace, analytic-kl, enum, iwae, dreg or tc
+    num_particles: int = 1  # samples of z per datapoint and step, vectorized; the K of iwae and dreg
     beta: float = 1.0  # weight of the KL term once warmed up: 1 is the ELBO, > 1 a beta-VAE
+    tc_beta: float = 1.0  # elbo "tc": the weight of the total correlation (beta-TCVAE); 1 is the ELBO
+    tc_estimator: str = "mws"  # elbo "tc": q(z) from the minibatch, "mws" or "stratified"
     kl_warmup_epochs: float = 0.0  # raise the KL weight linearly from 0 to beta over these epochs
     seed: int = 0  # seeds Python, NumPy, torch, the guides' initial weights and the batch order
     eval_every: int = 1  # epochs between evaluations of the train and test ELBO terms; 0: never
@@ -66,6 +68,13 @@ class FitConfig:
             raise ConfigError("beta", f"must be >= 0 and finite, got {self.beta}")
         if self.elbo not in ELBOS:
             raise ConfigError("elbo", f"{self.elbo!r} is unknown: choose one of {', '.join(ELBOS)}")
+        if not 0 <= self.tc_beta < math.inf:
+            raise ConfigError("tc_beta", f"must be >= 0 and finite, got {self.tc_beta}")
+        if self.tc_estimator not in TC_ESTIMATORS:
+            raise ConfigError("tc_estimator", f"{self.tc_estimator!r} is unknown: choose one of {', '.join(TC_ESTIMATORS)}")
+        if self.elbo in STREAM_OBJECTIVES and (self.beta != 1.0 or self.kl_warmup_epochs):
+            raise ConfigError("elbo", f"{self.elbo!r} has no KL weight: drop beta (--beta) and kl_warmup_epochs "
+                              "(--kl-warmup); the beta-TCVAE weights the total correlation by tc_beta (--tc-beta)")
 
     @classmethod
     def from_dict(cls, d: dict, where: Optional[str] = None) -> "FitConfig":
@@ -210,7 +219,7 @@ def fit(
     modules = [m for p in (model, guide) for m in program_modules(p)]
     weighted = config.beta != 1.0 or config.kl_warmup_epochs > 0
     step = SVIStep(
-        model, guide, make_elbo(config.elbo, config.num_particles, info),
+        model, guide, make_elbo(config.elbo, config.num_particles, info, config.tc_beta, config.tc_estimator),
         make_optimizers(params, modules, config.lr, config.local_lr), params,
         kl_weight=KLWeight(config.beta) if weighted else None, validate=config.validate,
     )
@@ -377,7 +386,9 @@ class EvaluateEpochs(Callback):
     ``eval_every`` epochs and after the last, added to the epoch's record as ``train_elbo``,
     ``test_recon``, ... (per datapoint; with global latent sites ``train_elbo`` includes the global KL's
     share, ``global_kl / N``, so that it is the negated training objective at KL weight 1). A guide with
-    no q for held-out data (mean-field) gets the train terms only."""
+    no q for held-out data (mean-field) gets the train terms only. An objective that measures more
+    (:class:`~pvae.protocols.EpochMetrics`: the beta-TCVAE's mutual information, total correlation and
+    dimension-wise KL) adds its figures on the training rows as ``train_<name>``."""
 
     def __init__(self, config: FitConfig):
         self.config = config
@@ -407,6 +418,10 @@ class EvaluateEpochs(Callback):
                 record[f"{split}_global_kl"] = global_kl.item()
                 if split == "train":
                     record["train_elbo"] -= global_kl.item() / state.num_data
+        objective = state.step.elbo
+        if isinstance(objective, EpochMetrics):
+            for key, value in objective.epoch_metrics(state.model, state.guide, self.splits["train"]).items():
+                record[f"train_{key}"] = value
 
 
 def as_dataset(data) -> Dataset:
@@ -441,7 +456,7 @@ def _check_data_fits_likelihood(model, data: Dataset) -> None:
 
 def _summary(record: dict) -> str:
     parts = [f"epoch {record['epoch']:4d}", f"loss {record['train_loss']:.3f}"]
-    for key in ("train_elbo", "test_elbo", "test_kl"):
+    for key in ("train_elbo", "test_elbo", "test_kl", "train_tc"):
         if key in record:
             parts.append(f"{key} {record[key]:.3f}")
     parts.append(f"{record['seconds']:.2f}s")
