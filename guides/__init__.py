@@ -1,6 +1,8 @@
 """Variational families q(z | x) built from a model's trace, for any number of latent sites.
 
-- :class:`AmortizedGuide`: an encoder network from x (and side inputs) to every local site's q;
+- :class:`AmortizedGuide`: an encoder network from x (and side inputs) to every local site's q, or
+  (``point=True``) to a point mass, the autoencoder's code, optionally from a corrupted x
+  (:mod:`~pvae.guides.corruption`, the denoising autoencoder);
 - :class:`MeanFieldGuide`: free parameters per datapoint, sparse rows updated lazily;
 - :class:`SemiAmortizedGuide`: the encoder's q refined by K gradient steps per batch.
 
@@ -11,6 +13,7 @@ build them for the built-in VAE's one Gaussian site without tracing a model.
 """
 
 from .amortized import AmortizedGuide, conv_guide, mlp_guide
+from .corruption import GaussianNoise, MaskingNoise, make_corruption
 from .mean_field import MeanFieldGuide, mean_field_guide
 from .semi_amortized import ParamsGuide, SemiAmortizedGuide, refine
 from .sites import SCALE_FLOOR, GlobalGuide, LatentSite, LocalFamily, gaussian_sites, inverse_softplus, model_sites
@@ -18,15 +21,18 @@ from .sites import SCALE_FLOOR, GlobalGuide, LatentSite, LocalFamily, gaussian_s
 __all__ = [
     "SCALE_FLOOR",
     "AmortizedGuide",
+    "GaussianNoise",
     "GlobalGuide",
     "LatentSite",
     "LocalFamily",
+    "MaskingNoise",
     "MeanFieldGuide",
     "ParamsGuide",
     "SemiAmortizedGuide",
     "conv_guide",
     "gaussian_sites",
     "inverse_softplus",
+    "make_corruption",
     "mean_field_guide",
     "mlp_guide",
     "model_sites",

@@ -9,9 +9,14 @@ a discrete site the model does not enumerate gets logits from the same network (
 gradients). The network is a *body* (an MLP by default, or any ``nn.Module`` of the user's) from the
 encoder's input to features, and a linear *head* sized to the model's sites. The input is x, flat,
 beside the batch's side inputs (labels one-hot): a conditional VAE's q(z | x, y).
+
+With ``point=True`` q is a point mass at the encoder's output, :math:`\\delta(z - f_\\phi(x))`: the
+autoencoder's encoder (:mod:`pvae.models.autoencoder`). With a ``corruption``
+(:mod:`pvae.guides.corruption`) the encoder reads a corrupted x in training mode: a denoising
+autoencoder (or VAE), the model still observing the clean x.
 """
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,12 +40,16 @@ class AmortizedGuide(SiteGuide):
     :param classes: ``{name: K}`` for integer side inputs, one-hot encoded over K classes.
     :param in_features: the encoder's input size, to build it now rather than at the first call
         (with ``sites``).
+    :param point: q of each continuous site a point mass at the encoder's output (an autoencoder).
+    :param corruption: ``corruption(x) -> x_tilde`` applied to x before the encoder reads it, in
+        training mode only (a denoising autoencoder; :mod:`pvae.guides.corruption`).
     """
 
     def __init__(self, model=None, *, sites=None, body: Optional[nn.Module] = None, hidden: Sequence[int] = (400,),
                  activation: str = "relu", inputs: Optional[Sequence[str]] = None, classes: Optional[dict] = None,
-                 in_features: Optional[int] = None):
-        super().__init__(model, sites)
+                 in_features: Optional[int] = None, point: bool = False, corruption: Optional[Callable] = None):
+        super().__init__(model, sites, point)
+        self.corruption = corruption
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}")
         if any(h < 1 for h in hidden):
@@ -76,8 +85,10 @@ class AmortizedGuide(SiteGuide):
         self.head = nn.Linear(out_features, self.family.size)
 
     def features(self, batch: Batch) -> torch.Tensor:
-        """The encoder's input: x flat, then each side input it reads (integers one-hot)."""
-        parts = [batch.x.reshape(len(batch), -1)]
+        """The encoder's input: x flat (corrupted in training mode, with a corruption), then each side
+        input it reads (integers one-hot)."""
+        x = batch.x.reshape(len(batch), -1)
+        parts = [self.corruption(x) if self.corruption is not None and self.training else x]
         for name in self.inputs or ():
             if name not in batch.inputs:
                 raise ProgramError(f"the encoder reads the side input {name!r}, which this batch does not carry")
@@ -101,22 +112,27 @@ class AmortizedGuide(SiteGuide):
         return self.family.unpack(self.head(self.body(self.features(batch))))
 
     def encode(self, x: torch.Tensor) -> tuple:
-        """``(loc, scale)`` of q(z | x) for a model with one continuous local site, ``(B, D)`` each."""
+        """``(loc, scale)`` of q(z | x) for a model with one continuous local site, ``(B, D)`` each (the
+        scale of a point mass is 0)."""
         (site,) = self.family.continuous
         params = self.local_params(Batch.of(x))[site.name]
-        return params["loc"], params["scale"]
+        loc = params["loc"]
+        return loc, params["scale"] if "scale" in params else torch.zeros_like(loc)
 
 
 def mlp_guide(num_pixels: int, latent_dim: int = 20, hidden: Sequence[int] = (400,), activation: str = "relu",
-              name: str = "z") -> AmortizedGuide:
+              name: str = "z", point: bool = False, corruption: Optional[Callable] = None) -> AmortizedGuide:
     """The built-in VAE's encoder: an MLP ``num_pixels -> hidden... -> 2 * latent_dim`` for one
-    Gaussian site ``name`` in R^latent_dim; ``hidden=()`` makes it linear. For a model of your own,
-    build ``AmortizedGuide(model)`` instead."""
+    Gaussian site ``name`` in R^latent_dim; ``hidden=()`` makes it linear. With ``point=True``, an
+    autoencoder's encoder ``num_pixels -> hidden... -> latent_dim``, q a point mass. For a model of your
+    own, build ``AmortizedGuide(model)`` instead."""
     return AmortizedGuide(sites=gaussian_sites(latent_dim, name), hidden=hidden, activation=activation,
-                          in_features=num_pixels, inputs=())
+                          in_features=num_pixels, inputs=(), point=point, corruption=corruption)
 
 
-def conv_guide(image_shape, latent_dim: int = 20, name: str = "z") -> AmortizedGuide:
-    """A convolutional encoder for 28x28 images and one Gaussian site."""
+def conv_guide(image_shape, latent_dim: int = 20, name: str = "z", point: bool = False,
+               corruption: Optional[Callable] = None) -> AmortizedGuide:
+    """A convolutional encoder for 28x28 images and one Gaussian site (a point mass with ``point=True``)."""
     return AmortizedGuide(sites=gaussian_sites(latent_dim, name), body=ConvEncoder(image_shape),
-                          in_features=image_shape[0] * image_shape[1] * image_shape[2], inputs=())
+                          in_features=image_shape[0] * image_shape[1] * image_shape[2], inputs=(), point=point,
+                          corruption=corruption)

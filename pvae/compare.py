@@ -50,7 +50,16 @@ from pvae.guides import LocalFamily, ParamsGuide, model_sites, refine
 from .estimate import Estimate
 from .evaluate import condition_on, global_means
 from .inference import elbo_terms, iwae_bound, lean_elbo
-from .programs import Batch, Program, ProgramError, inspect_programs
+from .programs import (
+    Batch,
+    Program,
+    ProgramError,
+    check_bounds_defined,
+    inspect_programs,
+    is_improper,
+    latent_sites,
+    trace_model,
+)
 from .protocols import LocalEncoder, PerDatapoint, Refining
 from .svi import SVIStep
 from .utils import set_seed
@@ -237,6 +246,12 @@ def compare_inference(
         raise ValueError("no datapoints to compare on")
     set_seed(config.seed)
     probe = batch.rows(slice(0, config.batch_size))
+    if guide is not None:
+        info = inspect_programs(model, guide, probe)
+        check_bounds_defined("compare", info.point_mass, info.improper)
+    else:
+        check_bounds_defined("compare", improper=[n for n, s in latent_sites(trace_model(model, probe)).items()
+                                                  if is_improper(s["fn"])])
     family = LocalFamily(model_sites(model, probe))
     discrete = [s.name for s in family.sites if s.kind != "continuous"]
     if discrete:
