@@ -13,12 +13,14 @@ from pathlib import Path
 
 import torch
 
+from pvae.models.likelihoods import LIKELIHOODS
+
 from . import plots
 from .data import BINARIZE, DATASETS
 from .inference import ELBOS
 from .programs import ProgramError
 from .protocols import has_q_for
-from .registry import GUIDES, MODELS, RunConfig, build, load_data
+from .registry import DEFAULT_GUIDES, GUIDES, MODELS, RunConfig, build, load_data
 from .run import CONFIG_JSON, load_run, read_config, write_comparison, write_evaluation
 from .train import FitConfig, fit
 from .utils import resolve_device, set_seed
@@ -28,7 +30,7 @@ RUN_FLAGS = {
     "dataset": "dataset", "data_dir": "data_dir", "binarize": "binarize", "val_size": "val_size", "labels_as": "labels_as",
     "model": "model", "guide": "guide", "likelihood": "likelihood", "latent_dim": "latent_dim",
     "hidden": "hidden", "activation": "activation", "device": "device",
-    "refine_steps": "refine_steps", "refine_lr": "refine_lr",
+    "refine_steps": "refine_steps", "refine_lr": "refine_lr", "masking": "masking", "input_noise": "input_noise",
 }
 FIT_FLAGS = {
     "epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "elbo": "elbo",
@@ -51,14 +53,17 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     data.add_argument("--val-size", type=int, help="training images held out for validation (default: 5000 for 28x28 sets, else 10%%)")
     data.add_argument("--labels-as", metavar="NAME", help="also pass the labels to the programs as the side input NAME (a conditional model's y; default: none)")
     arch = p.add_argument_group("model and guide")
-    arch.add_argument("--model", metavar="NAME", help=f"{', '.join(MODELS)}, or your own factory 'module:function' / 'file.py:function' returning a Pyro model or (model, guide) for the data (default: {run['model']}; conv takes 28x28 images)")
-    arch.add_argument("--guide", choices=list(GUIDES), help=f"variational family, built from the model's latent sites (default: {run['guide']}; a factory's own guide when it returns one)")
-    arch.add_argument("--likelihood", choices=["bernoulli", "continuous-bernoulli", "gaussian"], help=f"p(x|z) per pixel (default: {run['likelihood']})")
+    arch.add_argument("--model", metavar="NAME", help=f"{', '.join(MODELS)}, or your own factory 'module:function' / 'file.py:function' returning a Pyro model or (model, guide) for the data (default: {run['model']}; mlp and conv are VAEs, conv takes 28x28 images; ae is an autoencoder, a flat prior with the point guide, linear with --hidden and no widths)")
+    arch.add_argument("--guide", choices=list(GUIDES), help=f"variational family, built from the model's latent sites; point: a point mass z = f(x), an autoencoder's (default: {run['guide']}; for ae: point; a factory's own guide when it returns one)")
+    arch.add_argument("--likelihood", choices=list(LIKELIHOODS), help=f"p(x|z) per pixel; gaussian learns its variance, gaussian-fixed has sigma = 1, the squared error (default: {run['likelihood']})")
     arch.add_argument("--latent-dim", type=int, help=f"size of z (default: {run['latent_dim']}; 2 adds latent-space and manifold pictures)")
     arch.add_argument("--hidden", type=int, nargs="*", help=f"hidden widths of the MLPs (default: {' '.join(map(str, run['hidden']))})")
     arch.add_argument("--activation", choices=["relu", "elu", "tanh", "softplus"], help=f"default: {run['activation']}")
     arch.add_argument("--refine-steps", type=int, help=f"semi-amortized guide: K, gradient steps refining the encoder's q per batch (default: {run['refine_steps']})")
     arch.add_argument("--refine-lr", type=float, help=f"semi-amortized guide: the size of those steps (default: {run['refine_lr']})")
+    noise = p.add_argument_group("denoising: the encoder reads a corrupted x in training, the model observes the clean x")
+    noise.add_argument("--masking", type=float, metavar="P", help="probability that each input value of the encoder is set to 0 (default: 0)")
+    noise.add_argument("--input-noise", type=float, metavar="SIGMA", help="sigma of the Gaussian noise added to each input value of the encoder (default: 0)")
     opt = p.add_argument_group("fitting")
     opt.add_argument("--epochs", type=int, help=f"default: {fitd['epochs']}; with --resume, the new total")
     opt.add_argument("--batch-size", type=int, help=f"default: {fitd['batch_size']}")
@@ -84,6 +89,8 @@ def config_from_args(args) -> RunConfig:
     cfg = RunConfig(**{f: getattr(args, a) for a, f in RUN_FLAGS.items() if getattr(args, a) is not None})
     if cfg.model not in MODELS and args.guide is None:
         cfg.guide = None  # a factory's own guide when it returns one, else the amortized family
+    elif args.guide is None:
+        cfg.guide = DEFAULT_GUIDES.get(cfg.model, cfg.guide)
     fit_kwargs = {f: getattr(args, a) for a, f in FIT_FLAGS.items() if getattr(args, a) is not None}
     cfg.fit = FitConfig(**fit_kwargs, progress=not args.no_progress)
     return cfg
@@ -113,7 +120,7 @@ def run_train(args) -> int:
     data = load_data(cfg)
     set_seed(cfg.fit.seed)  # the initial weights; fit seeds the training itself
     model, guide = build(cfg, data)
-    what = f"{cfg.model} VAE ({cfg.likelihood}, z in R^{cfg.latent_dim})" if cfg.model in MODELS else cfg.model
+    what = f"{cfg.model} {type(model).__name__} ({cfg.likelihood}, z in R^{cfg.latent_dim})" if cfg.model in MODELS else cfg.model
     print(f"pvae train: {what} with the {cfg.guide or type(guide).__name__} guide "
           f"on {data.name} ({data.train.shape[0]} train / {data.test.shape[0]} test), {device}, run folder {out}")
     callbacks = []
@@ -123,7 +130,7 @@ def run_train(args) -> int:
     result = fit(model, guide, data, cfg.fit, out_dir=out, resume=args.resume, device=device,
                  run_config=cfg.to_dict(), callbacks=callbacks)
     if not args.no_figures:
-        write_figures(out, model, guide, data.to(device), cfg, result.history, device)
+        write_figures(out, model, guide, data.to(device), cfg, result.history, device, result.info)
     final = result.final
     split = "test" if "test_elbo" in final else "train"  # a mean-field guide has no test ELBO
     summary = ", ".join(f"{k} {final[k]:.3f}" for k in (f"{split}_elbo", f"{split}_recon", f"{split}_kl") if k in final)
@@ -144,11 +151,12 @@ def _latent_snapshots(out: Path, data, epochs: int):
     return snapshot
 
 
-def write_figures(out: Path, model, guide, data, cfg: RunConfig, history, device) -> None:
+def write_figures(out: Path, model, guide, data, cfg: RunConfig, history, device, info) -> None:
     if not hasattr(model, "decode"):
         return
     generator = torch.Generator().manual_seed(cfg.fit.seed)
-    plots.plot_samples(model, out / "samples.png", data.image_shape, device=device, generator=generator)
+    if not info.improper:  # a flat prior has no samples
+        plots.plot_samples(model, out / "samples.png", data.image_shape, device=device, generator=generator)
     if hasattr(guide, "encode") and has_q_for(guide, "test"):
         plots.plot_reconstructions(model, guide, data.test, data.image_shape, out / "reconstructions.png")
         plots.plot_latent(guide, data.test, data.test_labels, out / "latent.png")
@@ -228,6 +236,10 @@ def run_sample(args) -> int:
         raise SystemExit(f"pvae sample: --num must be at least 1, got {args.num}")
     device = resolve_device(args.device)
     run = load_run(args.run, device)
+    if run.info.improper:
+        raise SystemExit(f"pvae sample: the prior of site(s) {', '.join(run.info.improper)} in {run.path} is flat (an "
+                         "autoencoder's): it has no samples; sample the code space with "
+                         "pvae.autoencoding.sample_code_space")
     out = Path(args.out or run.path / f"samples-{args.seed}.png")
     generator = torch.Generator().manual_seed(args.seed)
     plots.plot_samples(run.model, out, run.data.image_shape, n=args.num, device=device, generator=generator)

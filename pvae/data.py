@@ -10,7 +10,8 @@ Names (:data:`DATASETS`):
 - ``mnist``, ``fashion-mnist``, ``kmnist``: 28x28 MNIST-format IDX files, read from ``data_dir``
   (the files themselves, or torchvision's ``<root>/<Class>/raw`` layout), else downloaded by
   torchvision into the cache folder;
-- ``frey``: the Frey faces (20x28, 1965 images), ``frey_rawface.mat`` in ``data_dir``;
+- ``frey``: the Frey faces (1965 grey images of 28x20 pixels), ``frey_rawface.mat`` in ``data_dir``, from
+  Sam Roweis' data page (:data:`FREY_URL`);
 - any folder of MNIST-format IDX files (plain or gz) given as the name itself,
   e.g. ``/usr/share/datasets/fashion-mnist``.
 """
@@ -312,15 +313,18 @@ def _torchvision_idx(cls_name: str, cache_name: str):
     return load
 
 
+FREY_URL = "https://cs.nyu.edu/~roweis/data.html"
+
+
 def _frey(data_dir, download):
-    """The Frey faces: 1965 grey 20x28 images, from ``frey_rawface.mat`` (Roweis' page)."""
+    """The Frey faces: 1965 grey images of 28x20 pixels, from ``frey_rawface.mat`` (Roweis' page)."""
     from scipy.io import loadmat
 
     path = Path(data_dir or ".") / "frey_rawface.mat"
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} not found: download frey_rawface.mat from Sam Roweis' data page and pass its "
-            "folder as data_dir (--data-dir)"
+            f"{path} not found: download frey_rawface.mat from Sam Roweis' data page, {FREY_URL}, and pass "
+            "its folder as data_dir (--data-dir)"
         )
     ff = loadmat(str(path), squeeze_me=True, struct_as_record=False)["ff"]  # (560, 1965) uint8
     x = torch.as_tensor(np.ascontiguousarray(ff.T), dtype=torch.float32) / 255.0

@@ -37,6 +37,8 @@ class RunConfig:
     activation: str = "relu"
     refine_steps: int = 5  # semi-amortized guide: gradient steps refining the encoder's q per batch
     refine_lr: float = 1e-2  # semi-amortized guide: the size of those steps
+    masking: float = 0.0  # denoising: probability that each input value of the encoder is zeroed in training
+    input_noise: float = 0.0  # denoising: sigma of the Gaussian noise added to the encoder's input in training
     device: str = "auto"  # "auto": CUDA when available, else CPU
     fit: FitConfig = field(default_factory=FitConfig)
 
@@ -53,6 +55,13 @@ class RunConfig:
             raise ValueError(f"latent_dim must be at least 1, got {self.latent_dim}")
         if self.refine_steps < 0 or not self.refine_lr > 0:
             raise ValueError(f"refine_steps must be >= 0 and refine_lr > 0, got {self.refine_steps}, {self.refine_lr}")
+        self.corruption()  # refuses bad values now
+
+    def corruption(self):
+        """The encoder's input corruption of a denoising run (:mod:`pvae.guides.corruption`), or None."""
+        from pvae.guides import make_corruption
+
+        return make_corruption(self.masking, self.input_noise)
 
     def to_dict(self) -> dict:
         """Everything but the fit config, which the run folder keeps beside it."""
@@ -82,9 +91,16 @@ def _conv_model(cfg: RunConfig, data: Dataset):
     return conv_vae(data.image_shape, cfg.latent_dim, cfg.likelihood)
 
 
+def _ae_model(cfg: RunConfig, data: Dataset):
+    from pvae.models import mlp_autoencoder
+
+    return mlp_autoencoder(data.num_pixels, cfg.latent_dim, cfg.hidden, cfg.likelihood, cfg.activation)
+
+
 MODELS = {
     "mlp": _mlp_model,  # the VAE with MLP decoder (Kingma & Welling 2013)
     "conv": _conv_model,  # the VAE with a convolutional decoder, 28x28 images
+    "ae": _ae_model,  # the autoencoder: an MLP decoder under a flat prior; no hidden layers: linear
 }
 
 
@@ -149,19 +165,28 @@ def integer_classes(data: Dataset) -> dict:
     return classes
 
 
-def _amortized_guide(cfg: RunConfig, data: Dataset, model):
+def _amortized_guide(cfg: RunConfig, data: Dataset, model, point: bool = False):
     from pvae.guides import AmortizedGuide, conv_guide, mlp_guide
 
+    corruption = cfg.corruption()
     if cfg.model == "conv":
-        return conv_guide(data.image_shape, cfg.latent_dim)
-    if cfg.model == "mlp" and not data.split_inputs("train"):
-        return mlp_guide(data.num_pixels, cfg.latent_dim, cfg.hidden, cfg.activation)
-    return AmortizedGuide(model, hidden=cfg.hidden, activation=cfg.activation, classes=integer_classes(data))
+        return conv_guide(data.image_shape, cfg.latent_dim, point=point, corruption=corruption)
+    if cfg.model in ("mlp", "ae") and not data.split_inputs("train"):
+        return mlp_guide(data.num_pixels, cfg.latent_dim, cfg.hidden, cfg.activation, point=point, corruption=corruption)
+    return AmortizedGuide(model, hidden=cfg.hidden, activation=cfg.activation, classes=integer_classes(data),
+                          point=point, corruption=corruption)
+
+
+def _point_guide(cfg: RunConfig, data: Dataset, model):
+    return _amortized_guide(cfg, data, model, point=True)
 
 
 def _mean_field_guide(cfg: RunConfig, data: Dataset, model):
     from pvae.guides import MeanFieldGuide
 
+    if cfg.corruption() is not None:
+        raise ValueError("--masking and --input-noise corrupt an encoder's input, and the mean-field guide has no "
+                         "encoder: use the amortized or point guide")
     return MeanFieldGuide(model, num_data=data.train.shape[0])
 
 
@@ -175,7 +200,10 @@ GUIDES = {
     "amortized": _amortized_guide,  # an encoder network q(z | x) for every local site
     "mean-field": _mean_field_guide,  # free parameters per training datapoint: variational EM
     "semi-amortized": _semi_amortized_guide,  # the encoder's q refined by refine_steps gradient steps
+    "point": _point_guide,  # a point mass at an encoder's output, z = f(x): the autoencoder's code
 }
+# the guide of a model whose runs name none on the command line
+DEFAULT_GUIDES = {"ae": "point"}
 
 
 def load_data(cfg: RunConfig) -> Dataset:
