@@ -244,7 +244,6 @@ def compare_inference(
     batch = Batch.of(data)
     if len(batch) == 0:
         raise ValueError("no datapoints to compare on")
-    set_seed(config.seed)
     probe = batch.rows(slice(0, config.batch_size))
     if guide is not None:
         info = inspect_programs(model, guide, probe)
@@ -252,6 +251,7 @@ def compare_inference(
     else:
         check_bounds_defined("compare", improper=[n for n, s in latent_sites(trace_model(model, probe)).items()
                                                   if is_improper(s["fn"])])
+    set_seed(config.seed)  # after the check's traced runs: the study's draws do not depend on it
     family = LocalFamily(model_sites(model, probe))
     discrete = [s.name for s in family.sites if s.kind != "continuous"]
     if discrete:
