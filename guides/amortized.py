@@ -9,9 +9,14 @@ a discrete site the model does not enumerate gets logits from the same network (
 gradients). The network is a *body* (an MLP by default, or any ``nn.Module`` of the user's) from the
 encoder's input to features, and a linear *head* sized to the model's sites. The input is x, flat,
 beside the batch's side inputs (labels one-hot): a conditional VAE's q(z | x, y).
+
+With ``family=point_mass`` q is a point mass at the encoder's output, :math:`\\delta(z - f_\\phi(x))`: the
+autoencoder's encoder (:mod:`pvae.models.autoencoder`). With a ``corruption``
+(:mod:`pvae.guides.corruption`) the encoder reads a corrupted x in training mode: a denoising
+autoencoder (or VAE), the model still observing the clean x.
 """
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,13 +42,17 @@ class AmortizedGuide(SiteGuide):
         (with ``sites``).
     :param family: builds the family of q from the sites: the diagonal
         :class:`~pvae.guides.sites.LocalFamily` by default, or a joint one of :mod:`pvae.guides.flows`
-        (``FullCovariance()``, ``PlanarFlow(steps)``); the head outputs its parameters.
+        (``FullCovariance()``, ``PlanarFlow(steps)``), or :func:`~pvae.guides.sites.point_mass` (an
+        autoencoder's code); the head outputs its parameters.
+    :param corruption: ``corruption(x) -> x_tilde`` applied to x before the encoder reads it, in
+        training mode only (a denoising autoencoder; :mod:`pvae.guides.corruption`).
     """
 
     def __init__(self, model=None, *, sites=None, body: Optional[nn.Module] = None, hidden: Sequence[int] = (400,),
                  activation: str = "relu", inputs: Optional[Sequence[str]] = None, classes: Optional[dict] = None,
-                 in_features: Optional[int] = None, family=LocalFamily):
+                 in_features: Optional[int] = None, family=LocalFamily, corruption: Optional[Callable] = None):
         super().__init__(model, sites, family)
+        self.corruption = corruption
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}")
         if any(h < 1 for h in hidden):
@@ -79,8 +88,10 @@ class AmortizedGuide(SiteGuide):
         self.head = nn.Linear(out_features, self.family.size)
 
     def features(self, batch: Batch) -> torch.Tensor:
-        """The encoder's input: x flat, then each side input it reads (integers one-hot)."""
-        parts = [batch.x.reshape(len(batch), -1)]
+        """The encoder's input: x flat (corrupted in training mode, with a corruption), then each side
+        input it reads (integers one-hot)."""
+        x = batch.x.reshape(len(batch), -1)
+        parts = [self.corruption(x) if self.corruption is not None and self.training else x]
         for name in self.inputs or ():
             if name not in batch.inputs:
                 raise ProgramError(f"the encoder reads the side input {name!r}, which this batch does not carry")
@@ -105,21 +116,24 @@ class AmortizedGuide(SiteGuide):
 
     def encode(self, x: torch.Tensor) -> tuple:
         """``(loc, scale)`` of q(z | x) for a model with one continuous local site, ``(B, D)`` each (of a
-        flow family, its base Gaussian's)."""
+        flow family, its base Gaussian's; the scale of a point mass is 0)."""
         (site,) = self.family.continuous
         return self.family.loc_scale(self.local_params(Batch.of(x)), site.name)
 
 
 def mlp_guide(num_pixels: int, latent_dim: int = 20, hidden: Sequence[int] = (400,), activation: str = "relu",
-              name: str = "z", family=LocalFamily) -> AmortizedGuide:
+              name: str = "z", family=LocalFamily, corruption: Optional[Callable] = None) -> AmortizedGuide:
     """The built-in VAE's encoder: an MLP ``num_pixels -> hidden... -> 2 * latent_dim`` for one
-    Gaussian site ``name`` in R^latent_dim; ``hidden=()`` makes it linear; ``family`` as for
-    :class:`AmortizedGuide`. For a model of your own, build ``AmortizedGuide(model)`` instead."""
+    Gaussian site ``name`` in R^latent_dim; ``hidden=()`` makes it linear; ``family`` and ``corruption``
+    as for :class:`AmortizedGuide` (``family=point_mass``: an autoencoder's encoder
+    ``num_pixels -> hidden... -> latent_dim``). For a model of your own, build ``AmortizedGuide(model)``."""
     return AmortizedGuide(sites=gaussian_sites(latent_dim, name), hidden=hidden, activation=activation,
-                          in_features=num_pixels, inputs=(), family=family)
+                          in_features=num_pixels, inputs=(), family=family, corruption=corruption)
 
 
-def conv_guide(image_shape, latent_dim: int = 20, name: str = "z", family=LocalFamily) -> AmortizedGuide:
-    """A convolutional encoder for 28x28 images and one Gaussian site."""
+def conv_guide(image_shape, latent_dim: int = 20, name: str = "z", family=LocalFamily,
+               corruption: Optional[Callable] = None) -> AmortizedGuide:
+    """A convolutional encoder for 28x28 images and one Gaussian site (``family`` as for :class:`AmortizedGuide`)."""
     return AmortizedGuide(sites=gaussian_sites(latent_dim, name), body=ConvEncoder(image_shape),
-                          in_features=image_shape[0] * image_shape[1] * image_shape[2], inputs=(), family=family)
+                          in_features=image_shape[0] * image_shape[1] * image_shape[2], inputs=(), family=family,
+                          corruption=corruption)

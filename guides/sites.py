@@ -8,7 +8,8 @@ datapoint), any other is *global*.
 
 - :class:`LocalFamily`: q for every local site, as one flat parameter vector per datapoint. Per
   continuous site a diagonal Normal in unconstrained space (its ``loc`` and ``scale``), pushed
-  through ``biject_to(support)``; per discrete site that the model does not enumerate, a Bernoulli,
+  through ``biject_to(support)``, or with ``point=True`` a point mass there (its ``loc`` alone: an
+  autoencoder's code); per discrete site that the model does not enumerate, a Bernoulli,
   categorical or one-hot categorical over its values (``logits``). The amortized guide computes the
   vector with an encoder, the mean-field guide looks it up in a per-datapoint table, the
   semi-amortized guide refines the encoder's, the gap study optimizes it: one family, four sources.
@@ -161,7 +162,9 @@ def _discrete_kind(name, support, value) -> tuple:
 
 
 def _distribution(site: LatentSite, params: dict):
-    """q of one site from its parameters in the site's batch layout."""
+    """q of one site from its parameters in the site's batch layout: no ``scale`` makes a point mass."""
+    if site.kind == "continuous" and "scale" not in params:
+        return dist.Delta(biject_to(site.support)(params["loc"]), event_dim=site.event_dim)
     if site.kind == "continuous":
         base = dist.Normal(params["loc"], params["scale"]).to_event(site.event_dim)
         if _is_real(site.support):
@@ -180,20 +183,27 @@ class LocalFamily:
     docstring). ``unpack`` turns the vector into per-site parameters (softplus on the scales),
     ``pack`` goes back, ``sample`` draws the sites inside their plates.
 
-    Parameters are dicts ``{site: {"loc": (B, n), "scale": (B, n)}}`` (continuous) or
-    ``{site: {"logits": (B, n * K)}}`` (discrete), one row per datapoint, flat over the site's shape.
+    Parameters are dicts ``{site: {"loc": (B, n), "scale": (B, n)}}`` (continuous; ``{"loc": (B, n)}``
+    for a point mass) or ``{site: {"logits": (B, n * K)}}`` (discrete), one row per datapoint, flat
+    over the site's shape.
+
+    :param point: every continuous site a point mass :math:`\\delta(z - \\mathrm{loc})` rather than a
+        Normal: q has no density, and the ELBO's estimate is :math:`\\log p(x, z)` at z = loc.
     """
 
-    def __init__(self, sites):
+    def __init__(self, sites, point: bool = False):
         self.sites = tuple(s for s in sites if s.is_local)
+        self.point = point
         self.slices, offset = {}, 0
         for site in self.sites:
             if site.kind == "continuous":
-                self.slices[site.name] = {"loc": slice(offset, offset + site.numel),
-                                          "scale": slice(offset + site.numel, offset + 2 * site.numel)}
+                self.slices[site.name] = {"loc": slice(offset, offset + site.numel)}
+                if not point:
+                    self.slices[site.name]["scale"] = slice(offset + site.numel, offset + 2 * site.numel)
+                offset += site.numel * len(self.slices[site.name])
             else:
                 self.slices[site.name] = {"logits": slice(offset, offset + site.num_params)}
-            offset += site.num_params
+                offset += site.num_params
         self.size = offset
 
     @property
@@ -208,7 +218,7 @@ class LocalFamily:
     def init_raw(self, rows: int, init_scale: float = 1.0, device=None) -> torch.Tensor:
         """``(rows, size)``: every loc 0, every scale ``init_scale``, every logit 0 (uniform)."""
         raw = torch.zeros(rows, self.size, device=device)
-        for site in self.continuous:
+        for site in self.continuous if not self.point else ():
             raw[:, self.slices[site.name]["scale"]] = inverse_softplus(init_scale - SCALE_FLOOR)
         return raw
 
@@ -217,7 +227,9 @@ class LocalFamily:
         for site in self.sites:
             s = self.slices[site.name]
             if site.kind == "continuous":
-                params[site.name] = {"loc": raw[:, s["loc"]], "scale": F.softplus(raw[:, s["scale"]]) + SCALE_FLOOR}
+                params[site.name] = {"loc": raw[:, s["loc"]]}
+                if not self.point:
+                    params[site.name]["scale"] = F.softplus(raw[:, s["scale"]]) + SCALE_FLOOR
             else:
                 params[site.name] = {"logits": raw[:, s["logits"]]}
         return params
@@ -227,8 +239,9 @@ class LocalFamily:
         for site in self.sites:
             p = params[site.name]
             if site.kind == "continuous":
-                scale = (p["scale"] - SCALE_FLOOR).clamp(min=SCALE_FLOOR)
-                parts += [p["loc"], inverse_softplus(scale)]
+                parts.append(p["loc"])
+                if not self.point:
+                    parts.append(inverse_softplus((p["scale"] - SCALE_FLOOR).clamp(min=SCALE_FLOOR)))
             else:
                 parts.append(p["logits"])
         return torch.cat(parts, -1)
@@ -257,11 +270,20 @@ class LocalFamily:
         return values
 
     def loc_scale(self, params: dict, name: str) -> tuple:
-        """``(loc, scale)`` per dimension of the continuous site ``name`` in unconstrained space, ``(B, n)``."""
-        return params[name]["loc"], params[name]["scale"]
+        """``(loc, scale)`` per dimension of the continuous site ``name`` in unconstrained space, ``(B, n)``
+        (the scale of a point mass is 0)."""
+        loc = params[name]["loc"]
+        return loc, params[name]["scale"] if "scale" in params[name] else torch.zeros_like(loc)
 
     def describe(self) -> str:
-        return ", ".join(f"{s.name} {s.kind} {tuple(s.shape)}" for s in self.sites) or "no local sites"
+        kind = lambda s: "point mass" if self.point and s.kind == "continuous" else s.kind  # noqa: E731
+        return ", ".join(f"{s.name} {kind(s)} {tuple(s.shape)}" for s in self.sites) or "no local sites"
+
+
+def point_mass(sites) -> LocalFamily:
+    """The family of an autoencoder's code: every continuous local site a point mass at its ``loc``
+    (``AmortizedGuide(model, family=point_mass)``, ``mlp_guide(..., family=point_mass)``)."""
+    return LocalFamily(sites, point=True)
 
 
 class GlobalGuide(nn.Module):

@@ -61,10 +61,39 @@ class Gaussian:
         return out.chunk(2, dim=-1)[0]
 
 
-LIKELIHOODS = {cls.name: cls for cls in (Bernoulli, ContinuousBernoulli, Gaussian)}
+class FixedGaussian:
+    """Gaussian pixels of one fixed scale ``sigma``: the decoder outputs the mean only. Then
+
+    .. math:: \\log p(x \\mid z) = -\\frac{\\lVert x - \\mathrm{decoder}(z) \\rVert^2}{2 \\sigma^2}
+        - \\frac P2 \\log (2 \\pi \\sigma^2),
+
+    the squared error up to a scale and a constant: an autoencoder's MSE loss.
+    """
+
+    name = "gaussian-fixed"
+    params_per_pixel = 1
+    needs_binary_data = False
+
+    def __init__(self, scale: float = 1.0):
+        if not scale > 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        self.scale = scale
+
+    def __call__(self, out: torch.Tensor) -> dist.Distribution:
+        return dist.Normal(out, self.scale).to_event(1)
+
+    def mean(self, out: torch.Tensor) -> torch.Tensor:
+        return out
 
 
-def make_likelihood(name: str):
-    if name not in LIKELIHOODS:
-        raise ValueError(f"unknown likelihood {name!r}: choose one of {', '.join(LIKELIHOODS)}")
-    return LIKELIHOODS[name]()
+LIKELIHOODS = {cls.name: cls for cls in (Bernoulli, ContinuousBernoulli, Gaussian, FixedGaussian)}
+
+
+def make_likelihood(likelihood):
+    """The likelihood of that name (with its default options), or ``likelihood`` itself when it is one
+    already (``FixedGaussian(scale=0.1)``)."""
+    if not isinstance(likelihood, str):
+        return likelihood
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"unknown likelihood {likelihood!r}: choose one of {', '.join(LIKELIHOODS)}")
+    return LIKELIHOODS[likelihood]()

@@ -29,9 +29,12 @@ class VAE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> None:
         with pyro.plate("data", x.shape[0]):
-            prior = dist.Normal(x.new_zeros(x.shape[0], self.latent_dim), 1.0).to_event(1)
-            z = pyro.sample("z", prior)
+            z = pyro.sample("z", self.prior(x))
             pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
+
+    def prior(self, x: torch.Tensor) -> dist.Distribution:
+        """p(z) for each datapoint of ``x``: N(0, I), batch shape ``(B,)``."""
+        return dist.Normal(x.new_zeros(x.shape[0], self.latent_dim), 1.0).to_event(1)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """The likelihood's mean image for each z, ``(..., P)``: what pictures show."""
@@ -42,16 +45,17 @@ def mlp_vae(
     num_pixels: int,
     latent_dim: int = 20,
     hidden: Sequence[int] = (400,),
-    likelihood: str = "bernoulli",
+    likelihood="bernoulli",
     activation: str = "relu",
 ) -> VAE:
-    """An MLP decoder ``latent_dim -> hidden... -> k * num_pixels``."""
+    """An MLP decoder ``latent_dim -> hidden... -> k * num_pixels``; ``likelihood`` is a name in
+    :data:`~pvae.models.likelihoods.LIKELIHOODS` or a likelihood (``FixedGaussian(scale=0.1)``)."""
     lik = make_likelihood(likelihood)
     decoder = mlp([latent_dim, *hidden, lik.params_per_pixel * num_pixels], activation)
     return VAE(decoder, lik, latent_dim)
 
 
-def conv_vae(image_shape, latent_dim: int = 20, likelihood: str = "bernoulli") -> VAE:
+def conv_vae(image_shape, latent_dim: int = 20, likelihood="bernoulli") -> VAE:
     """A convolutional decoder for 28x28 images."""
     lik = make_likelihood(likelihood)
     return VAE(ConvDecoder(latent_dim, image_shape, lik.params_per_pixel), lik, latent_dim)

@@ -28,7 +28,7 @@ from .data import BINARIZE, DATASETS
 from .errors import ConfigError, Interrupted, add_note, message
 from .inference import ELBOS, TC_ESTIMATORS
 from .protocols import LocalEncoder, has_q_for
-from .registry import ACTIVATIONS, GUIDES, LIKELIHOODS, MODELS, RunConfig, build, load_data
+from .registry import ACTIVATIONS, DEFAULT_GUIDES, GUIDES, LIKELIHOODS, MODELS, RunConfig, build, load_data
 from .run import CONFIG_JSON, load_run, read_config, run_config_from, write_comparison, write_evaluation
 from .train import FitConfig, fit
 from .utils import resolve_device, set_seed
@@ -38,7 +38,7 @@ RUN_FLAGS = {
     "dataset": "dataset", "data_dir": "data_dir", "binarize": "binarize", "val_size": "val_size", "labels_as": "labels_as",
     "model": "model", "guide": "guide", "likelihood": "likelihood", "latent_dim": "latent_dim",
     "hidden": "hidden", "activation": "activation", "device": "device",
-    "refine_steps": "refine_steps", "refine_lr": "refine_lr",
+    "refine_steps": "refine_steps", "refine_lr": "refine_lr", "masking": "masking", "input_noise": "input_noise",
     "latent_dims": "latent_dims", "layer_hidden": "layer_hidden", "flow_steps": "flow_steps",
 }
 FIT_FLAGS = {
@@ -104,17 +104,20 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     data.add_argument("--val-size", type=COUNT, help="training images held out for validation (default: 5000 for 28x28 sets, else 10%%)")
     data.add_argument("--labels-as", metavar="NAME", help="also pass the labels to the programs as the side input NAME (a conditional model's y; default: none)")
     arch = p.add_argument_group("model and guide")
-    arch.add_argument("--model", metavar="NAME", help=f"{', '.join(MODELS)}, or your own factory 'module:function' / 'file.py:function' returning a Pyro model or (model, guide) for the data (default: {run['model']}; conv takes 28x28 images; two-layer: z2 -> z1 -> x, Burda et al.)")
-    arch.add_argument("--guide", choices=list(GUIDES), help=f"variational family, built from the model's latent sites (default: {run['guide']}; a factory's own guide when it returns one; full-covariance and planar: an encoder's joint Gaussian, or Gaussian and planar flows, over all local sites)")
-    arch.add_argument("--likelihood", choices=list(LIKELIHOODS), help=f"p(x|z) per pixel (default: {run['likelihood']})")
+    arch.add_argument("--model", metavar="NAME", help=f"{', '.join(MODELS)}, or your own factory 'module:function' / 'file.py:function' returning a Pyro model or (model, guide) for the data (default: {run['model']}; mlp and conv are VAEs, conv takes 28x28 images; two-layer: z2 -> z1 -> x, Burda et al.; ae is an autoencoder, a flat prior with the point guide, linear with --hidden and no widths)")
+    arch.add_argument("--guide", choices=list(GUIDES), help=f"variational family, built from the model's latent sites (default: {run['guide']}; for ae: point; a factory's own guide when it returns one); full-covariance and planar: an encoder's joint Gaussian, or Gaussian and planar flows, over all local sites; point: a point mass z = f(x), an autoencoder's")
+    arch.add_argument("--likelihood", choices=list(LIKELIHOODS), help=f"p(x|z) per pixel; gaussian learns its variance, gaussian-fixed has sigma = 1, the squared error (default: {run['likelihood']})")
     arch.add_argument("--latent-dim", type=POSITIVE_INT, help=f"size of z (default: {run['latent_dim']}; 2 adds latent-space and manifold pictures)")
-    arch.add_argument("--hidden", type=POSITIVE_INT, nargs="+", metavar="WIDTH", help=f"hidden widths of the MLPs (default: {' '.join(map(str, run['hidden']))})")
+    arch.add_argument("--hidden", type=POSITIVE_INT, nargs="*", metavar="WIDTH", help=f"hidden widths of the MLPs; none: linear (default: {' '.join(map(str, run['hidden']))})")
     arch.add_argument("--activation", choices=list(ACTIVATIONS), help=f"default: {run['activation']} (Burda et al.'s models: tanh)")
     arch.add_argument("--latent-dims", type=POSITIVE_INT, nargs=2, metavar=("D1", "D2"), help=f"two-layer model: the sizes of z1 and z2 (default: {' '.join(map(str, run['latent_dims']))})")
     arch.add_argument("--layer-hidden", type=POSITIVE_INT, nargs=2, metavar=("H1", "H2"), help=f"two-layer model: widths of z1 -> H1 -> H1 -> x and z2 -> H2 -> H2 -> z1, and of the encoder's x -> H1 -> H1 -> H2 -> H2 (default: {' '.join(map(str, run['layer_hidden']))})")
     arch.add_argument("--flow-steps", type=POSITIVE_INT, help=f"planar guide: planar maps after the Gaussian (default: {run['flow_steps']})")
     arch.add_argument("--refine-steps", type=COUNT, help=f"semi-amortized guide: K, gradient steps refining the encoder's q per batch (default: {run['refine_steps']})")
     arch.add_argument("--refine-lr", type=POSITIVE, help=f"semi-amortized guide: the size of those steps (default: {run['refine_lr']})")
+    noise = p.add_argument_group("denoising: the encoder reads a corrupted x in training, the model observes the clean x")
+    noise.add_argument("--masking", type=NON_NEGATIVE, metavar="P", help="probability that each input value of the encoder is set to 0 (default: 0)")
+    noise.add_argument("--input-noise", type=NON_NEGATIVE, metavar="SIGMA", help="sigma of the Gaussian noise added to each input value of the encoder (default: 0)")
     opt = p.add_argument_group("fitting")
     opt.add_argument("--epochs", type=POSITIVE_INT, help=f"default: {fitd['epochs']}; with --resume, the new total")
     opt.add_argument("--batch-size", type=POSITIVE_INT, help=f"default: {fitd['batch_size']}")
@@ -142,6 +145,8 @@ def config_from_args(args) -> RunConfig:
     cfg = RunConfig(**{f: getattr(args, a) for a, f in RUN_FLAGS.items() if getattr(args, a) is not None})
     if cfg.model not in MODELS and args.guide is None:
         cfg.guide = None  # a factory's own guide when it returns one, else the amortized family
+    elif args.guide is None:
+        cfg.guide = DEFAULT_GUIDES.get(cfg.model, cfg.guide)
     fit_kwargs = {f: getattr(args, a) for a, f in FIT_FLAGS.items() if getattr(args, a) is not None}
     cfg.fit = FitConfig(**fit_kwargs, progress=not args.no_progress)
     return cfg
@@ -182,7 +187,8 @@ def run_train(args) -> int:
     set_seed(cfg.fit.seed)  # the initial weights; fit seeds the training itself
     model, guide = build(cfg, data)
     dims = getattr(model, "latent_dims", (cfg.latent_dim,))
-    what = f"{cfg.model} VAE ({cfg.likelihood}, z in {' x '.join(f'R^{d}' for d in dims)})" if cfg.model in MODELS else cfg.model
+    what = (f"{cfg.model} {type(model).__name__} ({cfg.likelihood}, z in {' x '.join(f'R^{d}' for d in dims)})"
+            if cfg.model in MODELS else cfg.model)
     print(f"pvae train: {what} with the {cfg.guide or type(guide).__name__} guide "
           f"on {data.name} ({data.train.shape[0]} train / {data.test.shape[0]} test), {device}, run folder {out}")
     callbacks = []
@@ -200,7 +206,7 @@ def run_train(args) -> int:
         raise
     try:
         if not args.no_figures:
-            write_figures(out, model, guide, data.to(device), cfg, result.history, device)
+            write_figures(out, model, guide, data.to(device), cfg, result.history, device, result.info)
     except BaseException as e:
         add_note(e, f"the fit itself is complete: {out}/checkpoint.pt holds its {result.final.get('epoch')} epochs")
         raise
@@ -231,11 +237,12 @@ def _encodes_one_site(guide) -> bool:
             and len(guide.family.continuous) == 1)
 
 
-def write_figures(out: Path, model, guide, data, cfg: RunConfig, history, device) -> None:
+def write_figures(out: Path, model, guide, data, cfg: RunConfig, history, device, info) -> None:
     if not hasattr(model, "decode"):
         return
     generator = torch.Generator().manual_seed(cfg.fit.seed)
-    plots.plot_samples(model, out / "samples.png", data.image_shape, device=device, generator=generator)
+    if not info.improper:  # a flat prior has no samples
+        plots.plot_samples(model, out / "samples.png", data.image_shape, device=device, generator=generator)
     if _encodes_one_site(guide):
         plots.plot_reconstructions(model, guide, data.test, data.image_shape, out / "reconstructions.png")
         plots.plot_latent(guide, data.test, data.test_labels, out / "latent.png")
@@ -310,6 +317,10 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
 def run_sample(args) -> int:
     device = resolve_device(args.device)
     run = load_run(args.run, device)
+    if run.info.improper:
+        raise ValueError(f"the prior of site(s) {', '.join(run.info.improper)} in {run.path} is flat (an "
+                         "autoencoder's): it has no samples; sample the code space with "
+                         "pvae.autoencoding.sample_code_space")
     out = Path(args.out or run.path / f"samples-{args.seed}.png")
     if not hasattr(run.model, "decode"):
         raise ValueError(f"the model of {run.path} has no decoder (decode) to draw pictures with")

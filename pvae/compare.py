@@ -51,7 +51,16 @@ from pvae.guides import LocalFamily, ParamsGuide, model_sites, refine
 from .estimate import Estimate
 from .evaluate import condition_on, global_means
 from .inference import elbo_terms, iwae_bound, lean_elbo
-from .programs import Batch, Program, ProgramError, inspect_programs
+from .programs import (
+    Batch,
+    Program,
+    ProgramError,
+    check_bounds_defined,
+    inspect_programs,
+    is_improper,
+    latent_sites,
+    trace_model,
+)
 from .protocols import LocalEncoder, PerDatapoint, Refining
 from .svi import SVIStep
 from .utils import set_seed
@@ -236,8 +245,16 @@ def compare_inference(
     batch = Batch.of(data)
     if len(batch) == 0:
         raise ValueError("no datapoints to compare on")
-    set_seed(config.seed, clear_param_store=False)  # the model's pyro.params are trained
     probe = batch.rows(slice(0, config.batch_size))
+    if guide is not None:
+        info = inspect_programs(model, guide, probe)
+        check_bounds_defined("compare", info.point_mass, info.improper)
+    else:
+        check_bounds_defined("compare", improper=[n for n, s in latent_sites(trace_model(model, probe)).items()
+                                                  if is_improper(s["fn"])])
+    # after the check's traced runs, so that the study's draws do not depend on it; the model's
+    # pyro.params are trained and stay
+    set_seed(config.seed, clear_param_store=False)
     encoder = study_encoder(guide)
     # q* within the encoder's own family (a flow guide's flows), else the diagonal one
     family = encoder.family if isinstance(encoder, LocalEncoder) else LocalFamily(model_sites(model, probe))

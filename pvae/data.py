@@ -10,7 +10,8 @@ Names (:data:`DATASETS`):
 - ``mnist``, ``fashion-mnist``, ``kmnist``: 28x28 MNIST-format IDX files, read from ``data_dir``
   (the files themselves, or torchvision's ``<root>/<Class>/raw`` layout), else downloaded by
   torchvision into the cache folder;
-- ``frey``: the Frey faces (20x28, 1965 images), ``frey_rawface.mat`` in ``data_dir``;
+- ``frey``: the Frey faces (1965 grey images of 28x20 pixels), ``frey_rawface.mat`` in ``data_dir``, from
+  Sam Roweis' data page (:data:`FREY_URL`);
 - any folder of MNIST-format IDX files (plain or gz) given as the name itself,
   e.g. ``/usr/share/datasets/fashion-mnist``.
 """
@@ -219,7 +220,8 @@ def load_dataset(
         if data_dir is not None and name in EMBEDDED:
             raise ConfigError("data_dir", f"is not used by the {name} data set, which is embedded: leave it out")
         if data_dir is not None and not Path(data_dir).is_dir():
-            raise ConfigError("data_dir", f"{data_dir}: no such folder: give the folder that holds the {name} files")
+            where = f" (frey_rawface.mat, from {FREY_URL})" if name == "frey" else ""
+            raise ConfigError("data_dir", f"{data_dir}: no such folder: give the folder that holds the {name} files{where}")
         loaded = DATASETS[name](data_dir, download)
     elif Path(name).is_dir():
         if data_dir is not None:
@@ -331,6 +333,9 @@ def _torchvision_idx(cls_name: str, cache_name: str):
     return load
 
 
+FREY_URL = "https://cs.nyu.edu/~roweis/data.html"
+
+
 def _first_missing(path: Path) -> Optional[Path]:
     """The outermost folder on the way to ``path`` that does not exist yet (what a download creates)."""
     missing = None
@@ -342,14 +347,14 @@ def _first_missing(path: Path) -> Optional[Path]:
 
 
 def _frey(data_dir, download):
-    """The Frey faces: 1965 grey 20x28 images, from ``frey_rawface.mat`` (Roweis' page)."""
+    """The Frey faces: 1965 grey images of 28x20 pixels, from ``frey_rawface.mat`` (Roweis' page)."""
     from scipy.io import loadmat
 
     path = Path(data_dir or ".") / "frey_rawface.mat"
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} not found: download frey_rawface.mat from Sam Roweis' data page and pass its "
-            "folder as data_dir (--data-dir)"
+            f"{path} not found: download frey_rawface.mat from Sam Roweis' data page, {FREY_URL}, and pass "
+            "its folder as data_dir (--data-dir)"
         )
     ff = loadmat(str(path), squeeze_me=True, struct_as_record=False)["ff"]  # (560, 1965) uint8
     x = torch.as_tensor(np.ascontiguousarray(ff.T), dtype=torch.float32) / 255.0

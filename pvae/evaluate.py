@@ -21,6 +21,10 @@ gets from that one pass:
   too few distinct ratios: a discrete guide; NaN or infinite ratios) k̂ is NaN and the reason is
   counted, never a silent infinity.
 
+A point-mass guide (an autoencoder's) has no density and an improper prior no normalized p(x): such
+programs are refused with a one-line error (:func:`~pvae.programs.check_bounds_defined`);
+:mod:`pvae.autoencoding` measures them by their reconstructions.
+
 A model with global latent sites (outside the data plate) is evaluated conditionally on them, at the
 global guide's mean: log p(x | g), the ELBO of the local sites, ...; the output says so. With
 ``marginal=True`` the joint evidence of the evaluated datapoints is estimated too,
@@ -64,6 +68,7 @@ from .programs import (
     Batch,
     ProgramInfo,
     as_program,
+    check_bounds_defined,
     data_frame,
     inspect_programs,
     latent_sites,
@@ -285,6 +290,7 @@ def evaluate(
     if len(batch) == 0:
         raise ValueError("no datapoints to evaluate")
     program_info = inspect_programs(model, guide, batch.rows(slice(0, batch_size)))
+    check_bounds_defined("evaluate", program_info.point_mass, program_info.improper)
     info = dict(info or {})
     means = global_means(guide, batch.rows(slice(0, batch_size)), program_info)
     if means:

@@ -69,9 +69,10 @@ def plot_latent(guide, x: torch.Tensor, labels, path, title: str = "") -> Path:
     elif loc.shape[1] == 1:
         loc = torch.cat([loc, torch.zeros_like(loc)], 1)
     fig, ax = plt.subplots(figsize=(5, 4.5))
-    colours = None if labels is None else labels.cpu().numpy()
-    points = ax.scatter(loc[:, 0], loc[:, 1], c=colours, cmap="tab10", s=4)
-    if labels is not None:
+    if labels is None:  # unlabelled data (Frey faces): one colour
+        ax.scatter(loc[:, 0], loc[:, 1], s=4)
+    else:
+        points = ax.scatter(loc[:, 0], loc[:, 1], c=labels.cpu().numpy(), cmap="tab10", s=4)
         fig.colorbar(points, ax=ax, label="label")
     ax.set_xlabel(axes_names[0])
     ax.set_ylabel(axes_names[1])

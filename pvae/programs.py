@@ -29,12 +29,13 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Optional, Protocol, runtime_checkable
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from pyro.distributions import Delta
 from pyro.poutine.util import site_is_subsample
-from torch.distributions import kl_divergence
+from torch.distributions import Independent, biject_to, kl_divergence
 
 DATA = "data"  # the name of the datapoints' plate
 PARTICLES = "particles"  # the vectorized plate of Monte Carlo samples pvae puts around programs
@@ -274,6 +275,9 @@ class ProgramInfo:
         serves the pair.
     :param analytic_kl: the sites whose closed-form KL(q || p) is exact in the ELBO (see
         :func:`inspect_programs`).
+    :param point_mass: guide sites whose q is a point mass (``dist.Delta``: an autoencoder's code, a
+        MAP estimate), which has no density.
+    :param improper: model sites whose prior is improper (``dist.ImproperUniform``, a flat prior).
     """
 
     plate_nesting: int
@@ -285,16 +289,69 @@ class ProgramInfo:
     reparameterized: bool
     analytic_kl: frozenset = frozenset()
     discrete: tuple = ()
+    point_mass: tuple = ()
+    improper: tuple = ()
 
     @property
     def continuous_local(self) -> tuple:
         return tuple(n for n in self.local if n not in self.enumerated and n not in self.discrete)
 
 
+def check_bounds_defined(what: str, point_mass=(), improper=()) -> None:
+    """Refuse, in one line, to bound log p(x) (``what``: the caller) where no bound means anything: a
+    point-mass q (``point_mass``, its sites) has no density, and under an improper prior (``improper``)
+    p(x) is not normalized. Their training objective, the ELBO's estimate log p(x, z = f(x)), is still
+    what a fit records."""
+    if point_mass:
+        raise ProgramError(
+            f"{what}: the guide's q of site(s) {', '.join(map(repr, point_mass))} is a point mass (an autoencoder's "
+            "code, or MAP), which has no density: log p(x), the ELBO's KL and PSIS are not defined for it. Its "
+            "objective, log p(x, z = f(x)), is the fit's train/test_elbo; compare reconstructions with "
+            "pvae.autoencoding.reconstruction_error"
+        )
+    if improper:
+        raise ProgramError(
+            f"{what}: the model's prior of site(s) {', '.join(map(repr, improper))} is improper (a flat prior): p(x) "
+            "is not normalized, so no bound on log p(x) means anything; give the site a proper prior to measure "
+            "the evidence"
+        )
+
+
+def base_distribution(fn):
+    """``fn`` without its ``Independent`` (``.to_event``) and masking (``.mask``) wrappers."""
+    while isinstance(fn, (Independent, dist.MaskedDistribution)):
+        fn = fn.base_dist
+    return fn
+
+
+def is_improper(fn) -> bool:
+    return isinstance(base_distribution(fn), dist.ImproperUniform)
+
+
+class _FeasibleImproper(Messenger):
+    """A model run alone draws every latent from its prior, and an improper prior has nothing to draw: its
+    sites get a feasible value instead (the image of 0 in unconstrained space), as Pyro's autoguides
+    initialize them."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.device = device
+
+    def _pyro_sample(self, msg):
+        fn = msg["fn"]
+        if msg["value"] is not None or msg["is_observed"] or not is_improper(fn):
+            return
+        transform = biject_to(fn.support)
+        shape = transform.inv.forward_shape(fn.batch_shape + fn.event_shape)
+        msg["value"] = transform(torch.zeros(shape, device=self.device))
+        msg["done"] = True
+
+
 def trace_model(model, batch: Batch):
     """One run of the model alone, hidden from any outer handler (particles, KL weights)."""
-    with torch.no_grad(), poutine.block():
-        return run_traced(as_program(model), Batch.of(batch), "model")
+    batch = Batch.of(batch)
+    with torch.no_grad(), poutine.block(), _FeasibleImproper(batch.x.device):
+        return run_traced(as_program(model), batch, "model")
 
 
 _SHAPE_MISMATCH = re.compile(r"Shape mismatch inside plate\('(?P<plate>[^']*)'\) at site (?P<site>\S+) dim (?P<dim>-?\d+), "
@@ -389,6 +446,12 @@ def inspect_programs(model, guide, batch: Batch, check: bool = True) -> ProgramI
                 raise ProgramError(f"site {name!r} is enumerated in the model and sampled in the guide: do one")
     reparam = all(getattr(s["fn"], "has_rsample", False) and not is_enumerated(s) for s in q_sites.values())
     analytic = _exact_kl_sites(model, guide, batch, q_sites, p_sites, enumerated) if reparam else frozenset()
+    # a Delta beside an auxiliary site is a transform of that site's draw (a flow guide, Pyro's
+    # AutoContinuous), its log-density the Jacobian's term: q has a density then
+    views = any(is_auxiliary(s) for s in q_sites.values())
+    point_mass = tuple(n for n, s in q_sites.items()
+                       if not views and isinstance(base_distribution(s["fn"]), dist.Delta))
+    improper = tuple(n for n, s in p_sites.items() if not s["is_observed"] and is_improper(s["fn"]))
     return ProgramInfo(
         plate_nesting=nesting,
         data_dim=data_dim,
@@ -399,6 +462,8 @@ def inspect_programs(model, guide, batch: Batch, check: bool = True) -> ProgramI
         reparameterized=reparam,
         analytic_kl=analytic,
         discrete=tuple(discrete),
+        point_mass=point_mass,
+        improper=improper,
     )
 
 

@@ -63,6 +63,24 @@ class EpochMetrics(Protocol):
     def epoch_metrics(self, model, guide, batch: Batch) -> dict: ...
 
 
+@runtime_checkable
+class Autoencoding(Protocol):
+    """Maps data to codes and back: PCA, an autoencoder, a VAE (its encoder's mean and its decoder's
+    mean image); see :mod:`pvae.autoencoding`. Reconstruction errors and code-space samples take any
+    of them, so that they stand side by side."""
+
+    latent_dim: int
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Codes ``(B, latent_dim)`` of the datapoints ``x`` ``(B, ...)``."""
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Flat images ``(B, P)`` of the codes ``z`` ``(B, latent_dim)``."""
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """``decode(encode(x))``, flat ``(B, P)``."""
+
+
 def has_q_for(guide, split: Optional[str]) -> bool:
     """Whether ``guide`` has a q for the datapoints of ``split``."""
     return not isinstance(guide, PerDatapoint) or split in (None, guide.split)

@@ -45,6 +45,8 @@ class RunConfig:
     flow_steps: int = 4  # planar guide: planar maps after the Gaussian
     refine_steps: int = 5  # semi-amortized guide: gradient steps refining the encoder's q per batch
     refine_lr: float = 1e-2  # semi-amortized guide: the size of those steps
+    masking: float = 0.0  # denoising: probability that each input value of the encoder is zeroed in training
+    input_noise: float = 0.0  # denoising: sigma of the Gaussian noise added to the encoder's input in training
     device: str = "auto"  # "auto": CUDA when available, else CPU
     fit: FitConfig = field(default_factory=FitConfig)
 
@@ -76,6 +78,16 @@ class RunConfig:
             raise ConfigError("refine_steps", f"must be >= 0, got {self.refine_steps}")
         if not 0 < self.refine_lr < math.inf:
             raise ConfigError("refine_lr", f"must be positive and finite, got {self.refine_lr}")
+        if not 0 <= self.masking < 1:
+            raise ConfigError("masking", f"is a probability in [0, 1), got {self.masking}")
+        if not 0 <= self.input_noise < math.inf:
+            raise ConfigError("input_noise", f"must be >= 0 and finite, got {self.input_noise}")
+
+    def corruption(self):
+        """The encoder's input corruption of a denoising run (:mod:`pvae.guides.corruption`), or None."""
+        from pvae.guides import make_corruption
+
+        return make_corruption(self.masking, self.input_noise)
 
     def to_dict(self) -> dict:
         """Everything but the fit config, which the run folder keeps beside it."""
@@ -114,10 +126,17 @@ def _two_layer_model(cfg: RunConfig, data: Dataset):
     return two_layer_vae(data.num_pixels, cfg.latent_dims, cfg.layer_hidden, cfg.likelihood, cfg.activation)
 
 
+def _ae_model(cfg: RunConfig, data: Dataset):
+    from pvae.models import mlp_autoencoder
+
+    return mlp_autoencoder(data.num_pixels, cfg.latent_dim, cfg.hidden, cfg.likelihood, cfg.activation)
+
+
 MODELS = {
     "mlp": _mlp_model,  # the VAE with MLP decoder (Kingma & Welling 2013)
     "conv": _conv_model,  # the VAE with a convolutional decoder, 28x28 images
     "two-layer": _two_layer_model,  # two stochastic layers z2 -> z1 -> x (Burda et al. 2015)
+    "ae": _ae_model,  # the autoencoder: an MLP decoder under a flat prior; no hidden layers: linear
 }
 
 
@@ -186,16 +205,17 @@ def _amortized_guide(cfg: RunConfig, data: Dataset, model, family=None):
     from pvae.guides import AmortizedGuide, LocalFamily, conv_guide, mlp_guide
     from pvae.models import BottomUpEncoder
 
-    family = family or LocalFamily
+    family, corruption = family or LocalFamily, cfg.corruption()
     if cfg.model == "conv":
-        return conv_guide(data.image_shape, cfg.latent_dim, family=family)
-    if cfg.model == "mlp" and not data.split_inputs("train"):
-        return mlp_guide(data.num_pixels, cfg.latent_dim, cfg.hidden, cfg.activation, family=family)
+        return conv_guide(data.image_shape, cfg.latent_dim, family=family, corruption=corruption)
+    if cfg.model in ("mlp", "ae") and not data.split_inputs("train"):
+        return mlp_guide(data.num_pixels, cfg.latent_dim, cfg.hidden, cfg.activation, family=family,
+                         corruption=corruption)
     if cfg.model == "two-layer":
         body = BottomUpEncoder(data.num_pixels, cfg.layer_hidden, cfg.activation)
-        return AmortizedGuide(model, body=body, inputs=(), family=family)
+        return AmortizedGuide(model, body=body, inputs=(), family=family, corruption=corruption)
     return AmortizedGuide(model, hidden=cfg.hidden, activation=cfg.activation, classes=integer_classes(data),
-                          family=family)
+                          family=family, corruption=corruption)
 
 
 def _full_covariance_guide(cfg: RunConfig, data: Dataset, model):
@@ -210,9 +230,18 @@ def _planar_guide(cfg: RunConfig, data: Dataset, model):
     return _amortized_guide(cfg, data, model, PlanarFlow(cfg.flow_steps))
 
 
+def _point_guide(cfg: RunConfig, data: Dataset, model):
+    from pvae.guides import point_mass
+
+    return _amortized_guide(cfg, data, model, point_mass)
+
+
 def _mean_field_guide(cfg: RunConfig, data: Dataset, model):
     from pvae.guides import MeanFieldGuide
 
+    if cfg.corruption() is not None:
+        raise ValueError("--masking and --input-noise corrupt an encoder's input, and the mean-field guide has no "
+                         "encoder: use the amortized or point guide")
     return MeanFieldGuide(model, num_data=data.train.shape[0])
 
 
@@ -228,7 +257,10 @@ GUIDES = {
     "semi-amortized": _semi_amortized_guide,  # the encoder's q refined by refine_steps gradient steps
     "full-covariance": _full_covariance_guide,  # the encoder's q a Gaussian over all local sites jointly
     "planar": _planar_guide,  # the encoder's Gaussian followed by flow_steps planar flows (per datapoint)
+    "point": _point_guide,  # a point mass at an encoder's output, z = f(x): the autoencoder's code
 }
+# the guide of a model whose runs name none on the command line
+DEFAULT_GUIDES = {"ae": "point"}
 
 
 def load_data(cfg: RunConfig) -> Dataset:

@@ -146,3 +146,19 @@ def comparison_markdown(c: Comparison, reference: Optional[dict] = None) -> str:
     if reference:
         lines.insert(-2, f"Reference: {reference['source']}.")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- reconstruction errors
+
+CODER_LABELS = {"pca": "PCA", "ae": "autoencoder", "vae": "VAE (mean of q)"}
+
+
+def reconstruction_table(result) -> str:
+    """A Markdown table of a :class:`~pvae.autoencoding.ReconstructionErrors`: one row per method, one
+    column per latent size, the squared error per image (mean ± standard error)."""
+    dims = sorted({d for by_dim in result.errors.values() for d in by_dim})
+    lines = ["| | " + " | ".join(f"d = {d}" for d in dims) + " |", "| --- |" + " ---: |" * len(dims)]
+    for method, by_dim in result.errors.items():
+        cells = [str(by_dim[d]) if d in by_dim else "—" for d in dims]
+        lines.append(f"| {CODER_LABELS.get(method, method)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

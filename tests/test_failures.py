@@ -4,7 +4,6 @@ site), exit code 2 for a mistake in what was given and 1 for a failure on the wa
 file as it was."""
 
 import argparse
-import gzip
 import json
 import shutil
 import subprocess
@@ -100,7 +99,6 @@ def test_every_flag_of_every_example_has_help_and_a_shown_default(example, monke
 
 
 @pytest.mark.parametrize("argv,culprit", [
-    (["train", "--hidden"], "argument --hidden: expected at least one argument"),
     (["train", "--hidden", "0"], "argument --hidden: must be at least 1, got 0"),
     (["train", "--hidden", "-5"], "argument --hidden: must be at least 1, got -5"),
     (["train", "--kl-warmup", "nan"], "argument --kl-warmup: must be finite, got nan"),

@@ -3,7 +3,6 @@ trained, evaluated and compared by the same commands as the one-layer VAE, with 
 
 import json
 
-import pytest
 import torch
 from helpers import assert_close
 from torch import nn

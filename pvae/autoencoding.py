@@ -1,0 +1,273 @@
+"""Autoencoders, PCA and VAEs side by side, through one interface (:class:`~pvae.protocols.Autoencoding`:
+``encode``, ``decode``, ``reconstruct``).
+
+- :class:`PCA`: the baseline (scikit-learn's), whose codes are the projections of the centred data on
+  the top principal axes; the optimum of the linear autoencoder spans the same subspace.
+- :class:`EncoderDecoder`: a model with ``decode(z)`` and an amortized guide with ``encode(x)``, as
+  codes: a VAE's (the code is the mean of q(z | x)) or an autoencoder's (the point mass,
+  :mod:`pvae.models.autoencoder`).
+- :func:`reconstruction_error`: the squared error per image, summed over its pixels, of
+  ``reconstruct(x)`` (or of a corrupted x's reconstruction, for denoising) against the clean x;
+  :func:`reconstruction_errors` fits PCA, an autoencoder and a VAE at several latent sizes and
+  measures each, and :func:`denoising_errors` an autoencoder against denoising ones.
+- Sampling an autoencoder's code space: :func:`perturbed_codes` (a datapoint's code plus
+  N(0, s^2 I) noise) and :class:`CodeGaussian` (the diagonal Gaussian
+  :math:`q(z) = \\mathcal N(\\hat\\mu, \\hat\\Sigma)` fitted to the training codes) with
+  :func:`sample_code_space`: codes and the images they decode to.
+
+An autoencoder's point-mass q has no density and its flat prior no normalized p(x): it is measured
+here by its reconstructions, not by :func:`pvae.evaluate.evaluate`, which refuses it.
+
+References:
+
+1. Baldi & Hornik, *Neural networks and principal component analysis: Learning from examples without
+   local minima*, Neural Networks 2 (1989).
+2. Vincent, Larochelle, Bengio & Manzagol, *Extracting and Composing Robust Features with Denoising
+   Autoencoders*, ICML 2008.
+3. Kingma & Welling, *Auto-Encoding Variational Bayes*, arXiv 1312.6114.
+"""
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import torch
+
+from .data import Dataset
+from .estimate import Estimate
+from .protocols import Autoencoding
+from .train import FitConfig, fit
+
+# ----------------------------------------------------------------------------- the coders
+
+
+class PCA:
+    """Principal component analysis by scikit-learn, as an :class:`~pvae.protocols.Autoencoding`:
+    ``encode(x) = (x - mean) U``, ``decode(z) = z U^T + mean`` with U the top ``latent_dim`` principal
+    axes of the data it was fitted to. Its reconstruction error on those data is the variance they
+    keep outside the axes, the least any rank-``latent_dim`` linear map achieves."""
+
+    def __init__(self, latent_dim: int):
+        if latent_dim < 1:
+            raise ValueError(f"latent_dim must be at least 1, got {latent_dim}")
+        self.latent_dim = latent_dim
+        self.components = None  # (latent_dim, P), orthonormal rows
+        self.mean = None  # (P,)
+
+    def fit(self, x: torch.Tensor) -> "PCA":
+        from sklearn.decomposition import PCA as SklearnPCA
+
+        flat = x.reshape(x.shape[0], -1)
+        if not self.latent_dim <= min(flat.shape):
+            raise ValueError(f"PCA: latent_dim {self.latent_dim} exceeds what {flat.shape[0]} datapoints of "
+                             f"{flat.shape[1]} dimensions allow ({min(flat.shape)})")
+        pca = SklearnPCA(n_components=self.latent_dim, svd_solver="full").fit(flat.detach().cpu().double().numpy())
+        self.components = torch.as_tensor(pca.components_, dtype=x.dtype, device=x.device)
+        self.mean = torch.as_tensor(pca.mean_, dtype=x.dtype, device=x.device)
+        return self
+
+    def _check_fitted(self) -> None:
+        if self.components is None:
+            raise ValueError("PCA: fit it to data first, PCA(d).fit(x)")
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_fitted()
+        return (x.reshape(x.shape[0], -1) - self.mean) @ self.components.T
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        self._check_fitted()
+        return z @ self.components + self.mean
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+
+class EncoderDecoder:
+    """A model and its amortized guide as an :class:`~pvae.protocols.Autoencoding`: the code of x is
+    the location of q(z | x) (the mean of a VAE's Gaussian q, an autoencoder's point mass), decoded
+    to the model's mean image. Both programs are used in evaluation mode (no denoising corruption).
+
+    :param model: has ``latent_dim`` and ``decode(z)`` (:class:`~pvae.models.VAE`,
+        :class:`~pvae.models.Autoencoder`).
+    :param guide: has ``encode(x) -> (loc, scale)`` (:class:`~pvae.guides.AmortizedGuide`).
+    """
+
+    def __init__(self, model, guide):
+        self.model, self.guide = model, guide
+        self.latent_dim = model.latent_dim
+        for module in (model, guide):
+            if isinstance(module, torch.nn.Module):
+                module.eval()
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.guide.encode(x.reshape(x.shape[0], -1))[0]
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(z)
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+
+# ----------------------------------------------------------------------------- reconstruction errors
+
+
+@torch.no_grad()
+def reconstruction_error(coder: Autoencoding, x: torch.Tensor, corruption: Optional[Callable] = None,
+                         generator: Optional[torch.Generator] = None) -> Estimate:
+    """The squared error per image, :math:`\\lVert x - h(\\tilde x) \\rVert^2` summed over its pixels, mean
+    over the datapoints ``x`` with its standard error; :math:`\\tilde x` is ``corruption(x, generator)``
+    (a denoising test) or x itself."""
+    flat = x.reshape(x.shape[0], -1)
+    seen = flat if corruption is None else corruption(flat, generator)
+    return Estimate.of(((coder.reconstruct(seen) - flat) ** 2).sum(-1))
+
+
+@dataclass
+class CoderConfig:
+    """How :func:`reconstruction_errors` and :func:`denoising_errors` fit their autoencoders and VAEs:
+    MLPs with the fixed-variance Gaussian likelihood, whose log-density is the squared error up to a
+    scale and a constant (:class:`~pvae.models.likelihoods.FixedGaussian`)."""
+
+    hidden: tuple = (200,)  # hidden widths of encoder and decoder
+    scale: float = 0.1  # sigma of the Gaussian pixels: the VAE's KL weighs 2 sigma^2 per unit squared error
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    progress: bool = False
+
+    def fit_config(self) -> FitConfig:
+        return FitConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
+                         eval_every=0, progress=self.progress)
+
+
+def fit_autoencoder(data: Dataset, latent_dim: int, config: Optional[CoderConfig] = None,
+                    corruption: Optional[Callable] = None) -> EncoderDecoder:
+    """An MLP autoencoder (flat prior, point-mass encoder) fitted to ``data``'s training split; with a
+    ``corruption``, a denoising one."""
+    from pvae.guides import mlp_guide, point_mass
+    from pvae.models import FixedGaussian, mlp_autoencoder
+
+    config = config or CoderConfig()
+    model = mlp_autoencoder(data.num_pixels, latent_dim, config.hidden, FixedGaussian(config.scale))
+    guide = mlp_guide(data.num_pixels, latent_dim, config.hidden, family=point_mass, corruption=corruption)
+    return _fitted(model, guide, data, config)
+
+
+def fit_vae(data: Dataset, latent_dim: int, config: Optional[CoderConfig] = None) -> EncoderDecoder:
+    """An MLP VAE (N(0, I) prior, Gaussian encoder) fitted to ``data``'s training split."""
+    from pvae.guides import mlp_guide
+    from pvae.models import FixedGaussian, mlp_vae
+
+    config = config or CoderConfig()
+    model = mlp_vae(data.num_pixels, latent_dim, config.hidden, FixedGaussian(config.scale))
+    return _fitted(model, mlp_guide(data.num_pixels, latent_dim, config.hidden), data, config)
+
+
+def _fitted(model, guide, data: Dataset, config: CoderConfig) -> EncoderDecoder:
+    fit(model, guide, data, config.fit_config())
+    return EncoderDecoder(model, guide)
+
+
+@dataclass
+class ReconstructionErrors:
+    """What :func:`reconstruction_errors` measured: ``errors[method][latent_dim]``, the squared error per
+    image of the ``split``'s datapoints, and the fitted ``coders`` by the same keys."""
+
+    errors: dict
+    coders: dict = field(default_factory=dict, repr=False)
+    settings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"errors": {m: {str(d): asdict(e) for d, e in by_dim.items()} for m, by_dim in self.errors.items()},
+                "settings": self.settings}
+
+
+def reconstruction_errors(data: Dataset, latent_dims: Sequence[int] = (2, 8, 32), config: Optional[CoderConfig] = None,
+                          split: str = "test") -> ReconstructionErrors:
+    """PCA, an autoencoder and a VAE at each latent size, fitted to the training split, and the squared
+    error per image of their reconstructions of ``split`` (:func:`reconstruction_error`)."""
+    config = config or CoderConfig()
+    x, _ = data.split(split)
+    if x.shape[0] == 0:
+        raise ValueError(f"the {split} split of {data.name} is empty")
+    builders = {
+        "pca": lambda d: PCA(d).fit(data.train),
+        "ae": lambda d: fit_autoencoder(data, d, config),
+        "vae": lambda d: fit_vae(data, d, config),
+    }
+    errors, coders = {m: {} for m in builders}, {m: {} for m in builders}
+    for d in latent_dims:
+        for method, build in builders.items():
+            coders[method][d] = build(d)
+            errors[method][d] = reconstruction_error(coders[method][d], x)
+    settings = {**asdict(config), "data": data.name, "split": split, "datapoints": x.shape[0]}
+    return ReconstructionErrors(errors, coders, settings)
+
+
+def denoising_errors(data: Dataset, corruptions: dict, latent_dim: int = 8, config: Optional[CoderConfig] = None,
+                     split: str = "test") -> dict:
+    """For each ``{label: corruption}``: the squared error per image with which a plain autoencoder and a
+    denoising one, trained with that corruption, restore the clean ``split`` images from corrupted ones,
+    ``{label: {"ae": Estimate, "dae": Estimate}}``. The corrupted images are the same draws for both."""
+    config = config or CoderConfig()
+    x, _ = data.split(split)
+    plain = fit_autoencoder(data, latent_dim, config)
+    out = {}
+    for i, (label, corruption) in enumerate(corruptions.items()):
+        denoising = fit_autoencoder(data, latent_dim, config, corruption)
+        out[label] = {
+            name: reconstruction_error(coder, x, corruption, torch.Generator(x.device).manual_seed(config.seed + i))
+            for name, coder in (("ae", plain), ("dae", denoising))
+        }
+    return out
+
+
+# ----------------------------------------------------------------------------- sampling a code space
+
+
+class Decoded(NamedTuple):
+    """Codes ``(N, D)`` and the images they decode to ``(N, P)``."""
+
+    codes: torch.Tensor
+    images: torch.Tensor
+
+
+@torch.no_grad()
+def perturbed_codes(coder: Autoencoding, x: torch.Tensor, scale: float,
+                    generator: Optional[torch.Generator] = None) -> Decoded:
+    """The codes of ``x`` plus N(0, ``scale``^2 I) noise, and their images: how far from its data an
+    autoencoder's decoder still draws digits."""
+    codes = coder.encode(x)
+    codes = codes + scale * torch.randn(codes.shape, generator=generator, device=codes.device, dtype=codes.dtype)
+    return Decoded(codes, coder.decode(codes))
+
+
+@dataclass
+class CodeGaussian:
+    """A diagonal Gaussian over a code space, :math:`q(z) = \\mathcal N(\\hat\\mu, \\mathrm{diag}\\,\\hat\\sigma^2)`,
+    fitted by maximum likelihood to codes: the simplest density model of an autoencoder's codes."""
+
+    loc: torch.Tensor  # (D,)
+    scale: torch.Tensor  # (D,)
+
+    @classmethod
+    def fit(cls, codes: torch.Tensor) -> "CodeGaussian":
+        if codes.shape[0] < 2:
+            raise ValueError(f"fitting a Gaussian needs at least 2 codes, got {codes.shape[0]}")
+        return cls(codes.mean(0), codes.std(0, correction=0))
+
+    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        eps = torch.randn((n, *self.loc.shape), generator=generator, device=self.loc.device, dtype=self.loc.dtype)
+        return self.loc + self.scale * eps
+
+
+@torch.no_grad()
+def sample_code_space(coder: Autoencoding, x: torch.Tensor, n: int,
+                      generator: Optional[torch.Generator] = None) -> Decoded:
+    """``n`` codes drawn from the :class:`CodeGaussian` fitted to the codes of ``x`` (the training data),
+    and their images."""
+    codes = CodeGaussian.fit(coder.encode(x)).sample(n, generator)
+    return Decoded(codes, coder.decode(codes))
