@@ -38,7 +38,7 @@ References:
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -63,9 +63,20 @@ def default_split(guide, data: Dataset) -> str:
     return "test" if data.test.shape[0] and has_q_for(guide, "test") else "train"
 
 
+def shown(guide, data: Dataset, split: Optional[str] = None, seed: int = 0) -> tuple:
+    """``(data, split)`` as figures show them: ``split`` by default :func:`default_split`, and dynamically
+    binarized training images (grey levels, drawn anew at each use) as one seeded binary draw, the
+    kind of image the guide was trained on."""
+    split = split or default_split(guide, data)
+    if split == "train" and data.binarize == "dynamic":
+        g = torch.Generator(device=data.train.device).manual_seed(seed)
+        data = replace(data, train=torch.bernoulli(data.train, generator=g), binarize="static")
+    return data, split
+
+
 def codec_for(model, guide, data: Dataset, split: Optional[str] = None, rows: int = 64) -> ProgramCodec:
     """A :class:`~pvae.codec.ProgramCodec` whose context is the first ``rows`` rows of ``split``."""
-    split = split or default_split(guide, data)
+    data, split = shown(guide, data, split)
     return ProgramCodec(model, guide, data.batch(split, slice(0, rows)))
 
 
@@ -83,7 +94,7 @@ def reconstructions(model, guide, data: Dataset, path, n: int = 16, ncol: int = 
                     codec: Optional[ProgramCodec] = None) -> Path:
     """The first ``n`` images of ``split`` above their reconstructions, E[x | z] with every latent
     site at the guide's centre for x, ``ncol`` to a row."""
-    split = split or default_split(guide, data)
+    data, split = shown(guide, data, split)
     codec = codec or codec_for(model, guide, data, split)
     batch = data.batch(split, slice(0, n))
     recon = codec.reconstruct(batch)
@@ -137,15 +148,17 @@ def interpolation(model, guide, data: Dataset, path, pair: Sequence = (0, 1), st
     """The decoded codes on the straight line between the codes of two images, ``steps`` points with
     both ends, one row per model: this model's (codes in unconstrained space) and one per entry of
     ``others``, ``{label: Codec}`` (an autoencoder, PCA), which get the same two images."""
-    split = split or default_split(guide, data)
+    data, split = shown(guide, data, split)
     codec = codec_for(model, guide, data, split)
     batch = data.batch(split, torch.as_tensor(list(pair), device=data.split(split)[0].device))
     t = torch.linspace(0, 1, steps, device=batch.x.device)[:, None]
-    rows = []
-    for name, c in {label: codec, **(others or {})}.items():
-        ends = c.encode(batch) if c is codec else c.encode(batch.x)
-        line = (1 - t) * ends[0] + t * ends[1]  # (steps, D)
-        rows.append((name, c.decode(line)))
+
+    def line(ends):  # (2, D) -> (steps, D)
+        return (1 - t) * ends[0] + t * ends[1]
+
+    # the model's row with the side inputs (a conditional model's label) of the first image
+    rows = [(label, codec.decode(line(codec.encode(batch)), batch.rows(slice(0, 1))))]
+    rows += [(name, other.decode(line(other.encode(batch.x)))) for name, other in (others or {}).items()]
     images = [("data", torch.cat([batch.x[:1], batch.x.new_ones(steps - 2, batch.x.shape[1]), batch.x[1:]]))]
     title = (f"from {split} image {pair[0]} to {pair[1]}: E[x | z] on the line between their codes "
              f"(data at both ends)")
@@ -165,7 +178,7 @@ def latent_space(model, guide, data: Dataset, path, split: Optional[str] = None,
                  codec: Optional[ProgramCodec] = None) -> Path:
     """The codes of every datapoint of ``split`` (the centres of q(z | x)) coloured by label, for a
     2-D code."""
-    split = split or default_split(guide, data)
+    data, split = shown(guide, data, split)
     codec = codec or codec_for(model, guide, data, split)
     _two_dims(codec)
     codes = codec.encode(data.batch(split))
@@ -195,13 +208,13 @@ class LatentSnapshots(Callback):
         self.frames, self.codec, self.initial = {}, None, None
 
     def on_fit_start(self, state: FitState) -> None:
-        self.data, self.epochs = state.data, state.config.epochs
-        self.split = self.split or default_split(state.guide.fn, state.data)
+        self.epochs = state.config.epochs
+        self.data, self.split = shown(state.guide.fn, state.data, self.split)
         with torch.random.fork_rng(devices=_cuda_devices(self.data)):  # tracing the programs draws
-            codec = codec_for(state.model, state.guide, state.data, self.split)
+            codec = codec_for(state.model, state.guide, self.data, self.split)
         if codec.latent_dim != 2:
             return
-        self.codec, self.batch = codec, state.data.batch(self.split)
+        self.codec, self.batch = codec, self.data.batch(self.split)
         self.initial = self._codes()  # epoch 0, kept if this fit is not a resumed one
 
     def on_epoch_end(self, state: FitState, record: dict) -> None:
@@ -284,7 +297,8 @@ def manifold(model, guide, data: Dataset, path, n: int = 15, limit: float = 3.0,
         names = list(codec.latent_names)
         what = f"z on a grid over [-{limit:g}, {limit:g}]²"
     z2, z1 = torch.meshgrid(zs[1].flip(0), zs[0], indexing="ij")  # rows: the largest z2 at the top
-    images = codec.decode(torch.stack([z1.reshape(-1), z2.reshape(-1)], 1).float())
+    # every image with the side inputs of one datapoint (a conditional model's label), the context's first
+    images = codec.decode(torch.stack([z1.reshape(-1), z2.reshape(-1)], 1).float(), codec.context.rows(slice(0, 1)))
     return plots.image_sheet(images, _image_shape(data), n, path, axes[0], axes[1], ticks[0], ticks[1],
                              names[0], names[1], title=f"{data.name}: E[x | z], {what}")
 
@@ -350,7 +364,7 @@ def posterior_densities(model, guide, data: Dataset, path, datapoints: int = 3, 
     from .evaluate import condition_on, draws_inference_data, global_means, import_arviz, to_inference_data
     from .programs import inspect_programs
 
-    split = split or default_split(guide, data)
+    data, split = shown(guide, data, split)
     batch = data.batch(split, slice(0, datapoints))
     family = LocalFamily(model_sites(model, batch))
     if not family.continuous or len(family.continuous) != len(family.sites):
@@ -399,7 +413,8 @@ def posterior_densities(model, guide, data: Dataset, path, datapoints: int = 3, 
     fig.legend(handles, labels, loc="lower center", ncol=min(2, len(labels)), fontsize="small", frameon=False)
     fig.suptitle(f"{data.name}: q(z | x) under each inference, {num_samples} draws each (kernel densities; "
                  "dots: means)", fontsize=11)
-    fig.tight_layout(rect=(0, 0.07 * (1 + (len(labels) > 2)) / max(1, len(batch) / 3), 1, 1))
+    legend_inches = 0.25 * math.ceil(len(labels) / 2) + 0.1
+    fig.tight_layout(rect=(0, legend_inches / fig.get_figheight(), 1, 1))
     return plots.save_figure(fig, path)
 
 
@@ -421,7 +436,7 @@ def quick_evaluation(model, guide, data: Dataset, split: Optional[str] = None, s
     """An :class:`~pvae.evaluate.Evaluation` of the first 500 datapoints of ``split`` with K = 100."""
     from .evaluate import evaluate
 
-    split = split or default_split(guide, data)
+    data, split = shown(guide, data, split)
     n = min(QUICK_EVALUATION["max_datapoints"], data.split(split)[0].shape[0])
     with torch.random.fork_rng(devices=_cuda_devices(data)):
         torch.manual_seed(seed)
@@ -470,12 +485,11 @@ class FigureContext:
 
     def __post_init__(self):
         self.folder = Path(self.folder) if self.folder is not None else None
-        if self.split is None:
-            self.split = default_split(self.guide, self.data)
-        elif not has_q_for(self.guide, self.split):
+        if self.split is not None and not has_q_for(self.guide, self.split):
             raise ValueError(f"the guide has a q for its training rows only, not for the {self.split} split: "
                              "use --split train")
-        elif self.data.split(self.split)[0].shape[0] == 0:
+        self.data, self.split = shown(self.guide, self.data, self.split)
+        if self.data.split(self.split)[0].shape[0] == 0:
             raise ValueError(f"the {self.split} split of {self.data.name} is empty")
 
     @cached_property

@@ -231,13 +231,21 @@ def latent_animation(frames: Sequence, labels, path, names=("z1", "z2"), limit: 
     drawn = _scatter(ax, _numpy(frames[0][1]), labels, limit, names)
     title = ax.set_title(frames[0][0])
     fig.tight_layout()
+    # the axes, legend and labels drawn once; each frame redraws the points and the title over them
+    moving = [collection for collection, _ in drawn] + [title]
+    for artist in moving:
+        artist.set_animated(True)
+    fig.canvas.draw()
+    background = fig.canvas.copy_from_bbox(fig.bbox)
     images = []
     for text, codes in frames:
         codes = _numpy(codes)
+        fig.canvas.restore_region(background)
         for collection, rows in drawn:
             collection.set_offsets(codes[rows])
         title.set_text(text)
-        fig.canvas.draw()
+        for artist in moving:
+            ax.draw_artist(artist)
         images.append(Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3]).quantize(colors=64))
     plt.close(fig)
     path = Path(path)

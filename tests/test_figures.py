@@ -352,3 +352,36 @@ def test_a_model_gets_the_figures_that_apply_to_it(trained, tmp_path):
                      msg="an autoencoder's reconstruction: the decoder's mean at the point mass f(x)")
     with pytest.raises(ValueError, match="does not apply to this run: the model's prior cannot be sampled"):
         figures.draw_figures(ctx, ["samples"], strict=True)
+
+
+def test_grey_faces_of_another_shape(tmp_path):
+    """Frey-face-like 28 x 20 grey images under a Gaussian likelihood: tiles keep their shape."""
+    shape = (1, 28, 20)
+    x = torch.rand(40, 560)
+    data = pvae.Dataset.from_tensors(x[:30], x[30:], image_shape=shape)
+    model = mlp_vae(560, 2, (16,), likelihood="gaussian")
+    ctx = figures.FigureContext(model, mlp_guide(560, 2, (16,)), data, tmp_path)
+    written, _ = figures.draw_figures(ctx, ["reconstructions", "manifold"])
+    m, t, s = plots.MARGIN_PX, plots.TITLE_PX, plots.scale_for(shape)
+    w, h = grid_px(4, 8, shape)
+    label = m + plots.CHAR_PX * len("reconstruction") + 10
+    # 10 test images: a block of 8 and a block of 2 (with blank cells), 14 rows apart
+    assert pixels(written[0]).shape == (t + h + 14 * s + m, label + w + m)
+    w, h = grid_px(15, 15, shape)
+    assert pixels(written[1]).shape == (t + h + 64, 84 + w + m)
+
+
+def test_a_mean_field_guide_shows_its_training_rows_as_it_saw_them(tmp_path):
+    """A mean-field guide has a q for its training rows only; dynamically binarized, they are grey
+    levels, which Bernoulli pixels refuse: figures show one seeded binary draw of them."""
+    from pvae.guides import MeanFieldGuide
+
+    data = pvae.load_dataset("digits", binarize="dynamic")
+    model = mlp_vae(data.num_pixels, 2, (8,))
+    guide = MeanFieldGuide(model, num_data=data.train.shape[0])
+    ctx = figures.FigureContext(model, guide, data, tmp_path)
+    assert ctx.split == "train" and set(ctx.data.train.unique().tolist()) == {0.0, 1.0}
+    written, _ = figures.draw_figures(ctx, ["reconstructions", "psis"])
+    assert [p.name for p in written] == ["reconstructions.png", "psis-train.png"]
+    with pytest.raises(ValueError, match="training rows only"):
+        figures.FigureContext(model, guide, data, split="test")
