@@ -64,7 +64,7 @@ def main(argv=None) -> dict:
         path = figures.prior_samples(model, guide, data.to(device), args.out / f"samples_z{size}.png", args.samples,
                                      args.seed, title=f"{args.samples} samples from the prior, latent size {size}")
         results[size] = {"record": record, "samples": path, "programs": (model, guide)}
-    figures.samples_by_run([(f"z in R^{size}", *r.pop("programs"), data.to(device)) for size, r in results.items()],
+    figures.samples_by_run([(f"z{size}", *r.pop("programs"), data.to(device)) for size, r in results.items()],
                            args.out / "samples_by_size.png", args.samples, args.seed)
 
     print(f"digits ({data.test.shape[0]} test images), {args.epochs} epochs, hidden {args.hidden}:")
