@@ -30,7 +30,7 @@ import argparse
 from pathlib import Path
 
 import pvae
-from pvae import plots
+from pvae import figures
 from pvae.compare import CompareConfig, compare_inference
 from pvae.data import BINARIZE
 from pvae.registry import RunConfig, build, load_data
@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
                           run_config=cfg.to_dict())
         histories[guide_name] = result.history
         fitted[guide_name] = (model, guide, data.to(device), result.seconds)
-    curves = plots.plot_curves(histories, args.out / "curves.png", key="train_elbo")
+    curves = figures.training_curves(histories, args.out / "curves.png")
 
     model, guide, data, _ = fitted["amortized"]
     x = data.batch("test", slice(0, args.datapoints))

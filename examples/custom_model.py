@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pvae
-from pvae import plots
+from pvae import figures
 from pvae.data import BINARIZE
 from pvae.guides import mlp_guide
 from pvae.models import Bernoulli, mlp_vae
@@ -70,10 +70,6 @@ class MixturePriorVAE(nn.Module):
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", self.prior().expand([x.shape[0]]))
             pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """The mean image for each z, ``(..., P)``."""
-        return self.likelihood.mean(self.decoder(z))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -112,7 +108,9 @@ def main(argv=None) -> dict:
         result = pvae.fit(model, guide, data, config, device=device)
         results[name] = result.final
         if args.out is not None:
-            _plot_prior_samples(model, data.image_shape, args.out / f"samples_{name.replace(' ', '_')}.png", args.seed)
+            # the model's own prior, drawn by running the model: the mixture's for the first
+            figures.prior_samples(model, guide, data.to(device), args.out / f"samples_{name.replace(' ', '_')}.png",
+                                  n=64, seed=args.seed, title=f"64 samples from the {name}: E[x | z], z ~ p(z)")
 
     print(f"digits ({data.test.shape[0]} test images), {args.latent_dim}-D latent, {args.epochs} epochs:")
     for name, record in results.items():
@@ -121,16 +119,6 @@ def main(argv=None) -> dict:
     gain = results["mixture prior"]["test_elbo"] - results["normal prior"]["test_elbo"]
     print(f"  the mixture prior's test ELBO is {gain:+.3f} nats per image against the normal prior's")
     return results
-
-
-@torch.no_grad()
-def _plot_prior_samples(model, image_shape, path, seed: int, n: int = 64) -> Path:
-    """Decoded means of draws from the model's own prior (``plots.plot_samples`` draws from N(0, I))."""
-    if isinstance(model, MixturePriorVAE):
-        z = model.prior().sample((n,))  # (n, D), on the parameters' device
-        return plots.save_grid(model.decode(z), image_shape, path, nrow=8, title="samples from the mixture prior")
-    generator = torch.Generator().manual_seed(seed)
-    return plots.plot_samples(model, path, image_shape, n, device=next(model.parameters()).device, generator=generator)
 
 
 if __name__ == "__main__":

@@ -255,7 +255,7 @@ def main(argv=None) -> dict:
     results = {"histories": histories, "comparison": comparison, "truth": truth, "fitted": fitted,
                "subspace": subspace, "pca": pca_figures, "closed_form": closed, "x_study": x.x.cpu()}
     if args.out is not None:
-        written = [plots.plot_curves(histories, args.out / "curves.png", key="train_elbo"),
+        written = [plots.plot_curves(histories, args.out / "curves.png", keys=("train_elbo",)),
                    *write_comparison(args.out, comparison, "compare")]
         loadings = {"true": truth["W"].tolist(), **{n: f["W"].tolist() for n, f in fitted.items()},
                     "subspace": {**subspace, "PCA": pca_figures}, "closed_form": closed}

@@ -163,7 +163,7 @@ def main(argv=None) -> dict:
           f"(q* over {comparison.settings['family']}, from the encoder's q):")
     print(comparison_table(comparison))
     if args.out is not None:
-        written = [plots.plot_curves(histories, args.out / "curves.png", key="train_elbo"),
+        written = [plots.plot_curves(histories, args.out / "curves.png", keys=("train_elbo",)),
                    *write_comparison(args.out, comparison, "compare")]
         print(f"\nwrote {', '.join(str(p) for p in written)} and the run folders "
               f"{', '.join(str(args.out / n) for n in args.guides)}")

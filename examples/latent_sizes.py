@@ -1,8 +1,9 @@
 """How big should z be? MLP VAEs with latent sizes 2, 5, 10 and 20 on the digits, side by side.
 
 For each size the script fits ``mlp_vae`` with the amortized Gaussian guide, prints the test ELBO
-and its two terms, and writes a grid of decoded samples from the prior N(0, I)
-(``samples_z{size}.png``). The ELBO weighs reconstruction against KL: on the 8x8 digits a 2-D z
+and its two terms, and writes a grid of decoded samples from the prior N(0, I) per size
+(``samples_z{size}.png``) and the grids side by side (``samples_by_size.png``, as ``pvae plot --runs
+A B C D --what samples`` draws them for run folders). The ELBO weighs reconstruction against KL: on the 8x8 digits a 2-D z
 reconstructs worst, a few more dimensions buy better reconstructions for a little more KL, and past
 5 to 10 the extra dimensions add nothing and the bound levels off (after 100 epochs: -24.4, -23.3,
 -23.4 and -23.9 nats for 2, 5, 10 and 20). Kingma & Welling (2013) show MNIST samples for the same sizes::
@@ -18,10 +19,8 @@ References:
 import argparse
 from pathlib import Path
 
-import torch
-
 import pvae
-from pvae import plots
+from pvae import figures
 from pvae.data import BINARIZE
 from pvae.guides import mlp_guide
 from pvae.models import mlp_vae
@@ -47,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    """Return ``{latent size: {"record": final metrics, "samples": path of its PNG}}``."""
+    """Return ``{latent size: {"record": final metrics, "samples": path of its PNG}}``; the panel of all
+    sizes is ``--out``/samples_by_size.png."""
     args = parse_args(argv)
     device = pvae.resolve_device(args.device)
     data = pvae.load_dataset("digits", binarize=args.binarize)
@@ -61,8 +61,11 @@ def main(argv=None) -> dict:
         model = mlp_vae(data.num_pixels, size, args.hidden)
         guide = mlp_guide(data.num_pixels, size, args.hidden)
         record = pvae.fit(model, guide, data, config, device=device).final
-        path = _plot_prior_samples(model, data.image_shape, args.out / f"samples_z{size}.png", args.samples, args.seed)
-        results[size] = {"record": record, "samples": path}
+        path = figures.prior_samples(model, guide, data.to(device), args.out / f"samples_z{size}.png", args.samples,
+                                     args.seed, title=f"{args.samples} samples from the prior, latent size {size}")
+        results[size] = {"record": record, "samples": path, "programs": (model, guide)}
+    figures.samples_by_run([(f"z{size}", *r.pop("programs"), data.to(device)) for size, r in results.items()],
+                           args.out / "samples_by_size.png", args.samples, args.seed)
 
     print(f"digits ({data.test.shape[0]} test images), {args.epochs} epochs, hidden {args.hidden}:")
     for size, r in results.items():
@@ -70,15 +73,6 @@ def main(argv=None) -> dict:
         print(f"  latent {size:3d}  test ELBO {rec['test_elbo']:9.3f} nats  "
               f"(recon {rec['test_recon']:9.3f}, KL {rec['test_kl']:7.3f})  {r['samples']}")
     return results
-
-
-@torch.no_grad()
-def _plot_prior_samples(model, image_shape, path, n: int, seed: int) -> Path:
-    """As :func:`pvae.plots.plot_samples` (decoded means of z ~ N(0, I), seeded), titled by the latent size."""
-    z = torch.randn(n, model.latent_dim, generator=torch.Generator().manual_seed(seed))
-    images = model.decode(z.to(next(model.parameters()).device))
-    return plots.save_grid(images, image_shape, path, nrow=max(1, int(n**0.5)),
-                           title=f"prior samples, latent size {model.latent_dim}")
 
 
 if __name__ == "__main__":

@@ -179,7 +179,7 @@ def main(argv=None) -> dict:
           f"{comparison.settings['family']}, c summed out):")
     print(comparison_table(comparison))
     if args.out is not None:
-        written = [plots.plot_curves(histories, args.out / "curves.png", key="train_elbo"),
+        written = [plots.plot_curves(histories, args.out / "curves.png", keys=("train_elbo",)),
                    *write_comparison(args.out, comparison, "compare")]
         print(f"\nwrote {', '.join(str(p) for p in written)} and the run folders "
               f"{', '.join(str(args.out / n) for n in GUIDES)}")

@@ -101,13 +101,12 @@ def gaussian_sites(latent_dim: int, name: str = "z") -> tuple:
 def model_sites(model, batch: Batch) -> tuple:
     """Every latent site of ``model`` that a guide must sample (enumerated ones are the model's), in
     the model's order, from one run on ``batch``."""
-    trace = trace_model(model, batch)
-    sites = []
-    for name, site in latent_sites(trace).items():
-        if is_enumerated(site):
-            continue
-        sites.append(_latent_site(name, site))
-    return tuple(sites)
+    return trace_sites(trace_model(model, batch))
+
+
+def trace_sites(trace) -> tuple:
+    """Every latent site of a trace, enumerated ones left out, as :class:`LatentSite` s in its order."""
+    return tuple(_latent_site(name, site) for name, site in latent_sites(trace).items() if not is_enumerated(site))
 
 
 def _latent_site(name: str, site: dict) -> LatentSite:

@@ -18,8 +18,8 @@ from .utils import resolve_device, set_seed
 __version__ = "0.1.0"
 
 # submodules a user reaches as pvae.<name> after `import pvae`, imported on first use (plots loads matplotlib)
-_SUBMODULES = ("autoencoding", "compare", "evaluate", "guides", "models", "plots", "reports", "registry", "run", "inference",
-               "programs", "data")
+_SUBMODULES = ("autoencoding", "compare", "evaluate", "figures", "codec", "guides", "models", "plots", "reports", "registry",
+               "run", "inference", "programs", "protocols", "data")
 
 
 def __getattr__(name):

@@ -1,4 +1,5 @@
-"""The ``pvae`` command: ``pvae train``, ``pvae evaluate RUN``, ``pvae sample RUN``, ``pvae compare RUN``.
+"""The ``pvae`` command: ``pvae train``, ``pvae evaluate RUN``, ``pvae sample RUN``, ``pvae compare RUN``,
+``pvae plot RUN``, ``pvae report RUN``.
 
 Each subcommand is a ``(add_arguments, run)`` pair in :data:`COMMANDS`; ``run(args)`` returns an
 exit code. Flags left out take the defaults of :class:`~pvae.registry.RunConfig` and
@@ -23,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from . import plots
+from . import figures
 from .data import BINARIZE, DATASETS
 from .errors import ConfigError, Interrupted, add_note, message
 from .inference import ELBOS, TC_ESTIMATORS
-from .protocols import LocalEncoder, has_q_for
+from .protocols import has_q_for
 from .registry import ACTIVATIONS, DEFAULT_GUIDES, GUIDES, LIKELIHOODS, MODELS, RunConfig, build, load_data
 from .run import CONFIG_JSON, load_run, read_config, run_config_from, write_comparison, write_evaluation
 from .train import FitConfig, fit
@@ -138,6 +139,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     out.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint (default: off)")
     out.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines (default: off, they are shown)")
     out.add_argument("--no-figures", action="store_true", help="write no PNGs (default: off, figures are written)")
+    out.add_argument("--report", action="store_true", help="also write RUN/report.html, the run on one page, as pvae report does (default: off)")
 
 
 def config_from_args(args) -> RunConfig:
@@ -191,10 +193,7 @@ def run_train(args) -> int:
             if cfg.model in MODELS else cfg.model)
     print(f"pvae train: {what} with the {cfg.guide or type(guide).__name__} guide "
           f"on {data.name} ({data.train.shape[0]} train / {data.test.shape[0]} test), {device}, run folder {out}")
-    callbacks = []
-    if (getattr(model, "latent_dim", None) == 2 and not args.no_figures and data.train_labels is not None
-            and _encodes_one_site(guide) and cfg.model in MODELS):
-        callbacks.append(_latent_snapshots(out, data.to(device), cfg.fit.epochs))
+    callbacks = [] if args.no_figures else [figures.LatentSnapshots(out)]
     try:
         result = fit(model, guide, data, cfg.fit, out_dir=out, resume=args.resume, device=device,
                      run_config=cfg.to_dict(), callbacks=callbacks)
@@ -206,7 +205,12 @@ def run_train(args) -> int:
         raise
     try:
         if not args.no_figures:
-            write_figures(out, model, guide, data.to(device), cfg, result.history, device, result.info)
+            ctx = figures.FigureContext(model, guide, data.to(device), out, result.history, cfg.to_dict(), cfg.fit.seed)
+            figures.draw_figures(ctx, [name for name, f in figures.FIGURES.items() if f.on_train])
+        if args.report:
+            from .reports import write_report
+
+            write_report(out)
     except BaseException as e:
         add_note(e, f"the fit itself is complete: {out}/checkpoint.pt holds its {result.final.get('epoch')} epochs")
         raise
@@ -216,41 +220,6 @@ def run_train(args) -> int:
     print(f"pvae train: {result.steps} steps in {result.seconds:.1f}s of training; {summary}")
     print(f"pvae train: wrote {', '.join(sorted(p.name for p in out.iterdir()))} in {out}")
     return 0
-
-
-def _latent_snapshots(out: Path, data, epochs: int):
-    """The 2-D latent space of the test set as training goes on: epochs 1, 2, 4, 8, ... and the last."""
-
-    def snapshot(record, model, guide):
-        epoch = record["epoch"]
-        if epoch & (epoch - 1) == 0 or epoch == epochs:
-            plots.plot_latent(guide, data.test, data.test_labels, out / "latent-epochs" / f"epoch-{epoch:04d}.png",
-                              title=f"posterior means after epoch {epoch}")
-
-    return snapshot
-
-
-def _encodes_one_site(guide) -> bool:
-    """Whether ``guide.encode(x)`` gives the loc of the model's one latent site for any x (not a
-    mean-field or semi-amortized guide, nor a model of several sites)."""
-    return (hasattr(guide, "encode") and isinstance(guide, LocalEncoder) and has_q_for(guide, "test")
-            and len(guide.family.continuous) == 1)
-
-
-def write_figures(out: Path, model, guide, data, cfg: RunConfig, history, device, info) -> None:
-    if not hasattr(model, "decode"):
-        return
-    generator = torch.Generator().manual_seed(cfg.fit.seed)
-    if not info.improper:  # a flat prior has no samples
-        plots.plot_samples(model, out / "samples.png", data.image_shape, device=device, generator=generator)
-    if _encodes_one_site(guide):
-        plots.plot_reconstructions(model, guide, data.test, data.image_shape, out / "reconstructions.png")
-        plots.plot_latent(guide, data.test, data.test_labels, out / "latent.png")
-    if model.latent_dim == 2:
-        plots.plot_manifold(model, data.image_shape, out / "manifold.png", device=device)
-    # a mean-field guide has no test ELBO (no q for held-out data): its curve is the training rows'
-    key = "test_elbo" if any("test_elbo" in r for r in history) else "train_elbo"
-    plots.plot_curves({cfg.guide: history}, out / "curves.png", key=key)
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
@@ -324,8 +293,7 @@ def run_sample(args) -> int:
     out = Path(args.out or run.path / f"samples-{args.seed}.png")
     if not hasattr(run.model, "decode"):
         raise ValueError(f"the model of {run.path} has no decoder (decode) to draw pictures with")
-    generator = torch.Generator().manual_seed(args.seed)
-    plots.plot_samples(run.model, out, run.data.image_shape, n=args.num, device=device, generator=generator)
+    figures.prior_samples(run.model, run.guide, run.data, out, n=args.num, seed=args.seed)
     print(f"pvae sample: wrote {args.num} prior samples to {out}")
     return 0
 
@@ -392,16 +360,95 @@ def run_compare(args) -> int:
     print(comparison_table(result, reference))
     paths = write_comparison(run.path, result, f"compare-{args.split}", figure=not args.no_figures, reference=reference)
     if args.curves and not args.no_figures:
-        runs = {_run_label(r): read_metrics(r) for r in [args.run, *args.curves]}
-        paths.append(plots.plot_curves(runs, run.path / "curves-compared.png", key="train_elbo"))
+        runs = {run_label(r): read_metrics(r) for r in [args.run, *args.curves]}
+        paths.append(figures.training_curves(runs, run.path / "curves-compared.png"))
     print(f"pvae compare: wrote {', '.join(str(p) for p in paths)}")
     return 0
 
 
-def _run_label(run_dir) -> str:
-    """A run's guide and folder name, to label its training curve."""
-    guide = (read_config(run_dir).get("run") or {}).get("guide") or "run"
-    return f"{guide} ({Path(run_dir).name})"
+def run_label(run_dir) -> str:
+    """A run's folder name, and its guide where the name does not say it: a curve's or a panel's label."""
+    guide = (read_config(run_dir).get("run") or {}).get("guide")
+    name = Path(run_dir).resolve().name
+    return name if not guide or guide in name else f"{name} ({guide})"
+
+
+def add_plot_arguments(p: argparse.ArgumentParser) -> None:
+    names = "; ".join(f"{name}: {f.caption} ({f.file})" for name, f in figures.FIGURES.items())
+    p.add_argument("run", nargs="?", help="a run folder written by pvae train (or pvae.fit with a factory)")
+    p.add_argument("--what", nargs="+", metavar="NAME",
+                   help=f"the figures to draw into RUN: {names}. With --runs: {', '.join(MULTI_RUN_FIGURES)} (default: none; --all draws every one that applies)")
+    p.add_argument("--all", action="store_true", help="every figure that applies to RUN; says why the others do not (default: off)")
+    p.add_argument("--runs", nargs="+", metavar="RUN",
+                   help="several run folders for one figure: samples (side by side) or curves (on one axis) (default: none)")
+    p.add_argument("--out", help="with --runs: the PNG to write (default: <first run>/<figure>-runs.png)")
+    p.add_argument("--split", choices=["train", "val", "test"],
+                   help="the datapoints figures show (default: test, train for a mean-field guide)")
+    p.add_argument("--seed", type=SEED, default=0, help="seeds the prior samples and the evaluations (default: 0)")
+    p.add_argument("--device", type=_device, default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, ... (default: auto)")
+
+
+def _samples_by_run(runs, out: Path, device) -> Path:
+    loaded = ((run_label(r), run.model, run.guide, run.data) for r in runs for run in [load_run(r, device)])
+    return figures.samples_by_run(loaded, out)
+
+
+def _curves_by_run(runs, out: Path, device) -> Path:
+    from .metrics import read_metrics
+
+    return figures.training_curves({run_label(r): read_metrics(r) for r in runs}, out)
+
+
+MULTI_RUN_FIGURES = {"samples": _samples_by_run, "curves": _curves_by_run}
+
+
+def run_plot(args) -> int:
+    from .metrics import read_metrics
+
+    device = resolve_device(args.device)
+    if args.runs:
+        if args.run or args.all:
+            raise ValueError("--runs draws figures of several runs: give no RUN and no --all")
+        unknown = [w for w in args.what or [] if w not in MULTI_RUN_FIGURES]
+        if not args.what or unknown:
+            raise ValueError(f"with --runs, --what takes {' or '.join(MULTI_RUN_FIGURES)}"
+                             + (f", not {', '.join(unknown)}" if unknown else ""))
+        for r in args.runs:
+            read_config(r)  # every folder is a run, before any is drawn
+        if args.out and len(args.what) > 1:
+            raise ValueError("--out names one file: draw one figure at a time")
+        for name in args.what:
+            out = Path(args.out or Path(args.runs[0]) / f"{name}-runs.png")
+            print(f"pvae plot: wrote {MULTI_RUN_FIGURES[name](args.runs, out, device)}")
+        return 0
+    if not args.run:
+        raise ValueError("give a run folder (pvae plot RUN --what NAME), or --runs RUN RUN ...")
+    unknown = [w for w in args.what or [] if w not in figures.FIGURES]
+    if unknown or not (args.what or args.all):
+        raise ValueError(f"--what takes {', '.join(figures.FIGURES)}"
+                         + (f", not {', '.join(unknown)}" if unknown else "") + "; or give --all")
+    run = load_run(args.run, device)
+    ctx = figures.FigureContext(run.model, run.guide, run.data, run.path, read_metrics(run.path),
+                                read_config(run.path).get("run"), args.seed, args.split)
+    names = list(figures.FIGURES) if args.all else args.what
+    written, skipped = figures.draw_figures(ctx, names, strict=not args.all)
+    for path in written:
+        print(f"pvae plot: wrote {path}")
+    for name, reason in skipped.items():
+        print(f"pvae plot: no {name}: {reason}")
+    return 0
+
+
+def add_report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="a run folder")
+    p.add_argument("--out", help="the HTML file to write (default: RUN/report.html)")
+
+
+def run_report(args) -> int:
+    from .reports import write_report
+
+    print(f"pvae report: wrote {write_report(args.run, args.out)}")
+    return 0
 
 
 COMMANDS = {
@@ -410,6 +457,8 @@ COMMANDS = {
     "sample": (add_sample_arguments, run_sample, "a PNG grid of samples from a trained run's prior"),
     "compare": (add_compare_arguments, run_compare,
                 "amortization and approximation gaps of a trained run (Cremer et al. 2018): L[q], L[q*], L[q_K], log p(x)"),
+    "plot": (add_plot_arguments, run_plot, "figures of a trained run, or of several runs side by side"),
+    "report": (add_report_arguments, run_report, "one self-contained HTML page of a run: config, metrics, results, figures"),
 }
 
 

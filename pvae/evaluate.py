@@ -571,16 +571,23 @@ def to_inference_data(guide: Callable, data, num_samples: int = 1000):
         nesting = plate_nesting(poutine.trace(guide).get_trace(batch))
     with poutine.block(), pyro.plate(PARTICLES, num_samples, dim=-(nesting + 1)):
         trace = poutine.trace(guide).get_trace(batch)
-    posterior, dims = {}, {}
+    draws = {}
     for name, site in latent_sites(trace).items():
         if data_frame(site) is None:
             continue
         event_shape = site["fn"].event_shape
         value = _per_dim(site["value"], site, len(event_shape), -(nesting + 1), (num_samples, len(batch)))
-        value = value.reshape(1, num_samples, len(batch), *event_shape)
-        posterior[name] = value.cpu().numpy()
-        dims[name] = ["datapoint"] + [f"{name}_dim_{i}" for i in range(len(event_shape))]
-    coords = {"datapoint": batch.idx.cpu().tolist()}
+        draws[name] = value.reshape(num_samples, len(batch), *event_shape)
+    return draws_inference_data(draws, batch.idx)
+
+
+def draws_inference_data(draws: dict, idx):
+    """Draws ``{site: (S, N, *event_shape)}`` of N datapoints (positions ``idx``) as arviz's posterior
+    group, laid out as :func:`to_inference_data` lays out a guide's: one chain of S draws, dimensions
+    ``(chain, draw, datapoint, <site>_dim_0, ...)``."""
+    posterior = {name: value.reshape(1, *value.shape).cpu().numpy() for name, value in draws.items()}
+    dims = {name: ["datapoint"] + [f"{name}_dim_{i}" for i in range(value.dim() - 2)] for name, value in draws.items()}
+    coords = {"datapoint": torch.as_tensor(idx).cpu().tolist()}
     az = import_arviz()
     if _major(az.__version__) < 1:
         return az.from_dict(posterior=posterior, coords=coords, dims=dims)

@@ -84,3 +84,28 @@ class Autoencoding(Protocol):
 def has_q_for(guide, split: Optional[str]) -> bool:
     """Whether ``guide`` has a q for the datapoints of ``split``."""
     return not isinstance(guide, PerDatapoint) or split in (None, guide.split)
+
+
+@runtime_checkable
+class Codec(Protocol):
+    """Anything that maps data to codes and back, put beside a model in a figure (an interpolation row, a
+    reconstruction row): an autoencoder, PCA, or a model with its guide
+    (:class:`~pvae.codec.ProgramCodec`)."""
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, ...)`` data -> ``(B, D)`` codes."""
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """``(B, D)`` codes -> ``(B, P)`` data as pictures show them (a likelihood's mean)."""
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, ...)`` data -> ``(B, P)``: what the codec makes of them."""
+
+
+@runtime_checkable
+class ExactPosterior(Protocol):
+    """A model whose posterior over its continuous local latents is Gaussian and known in closed form
+    (the linear-Gaussian models): figures draw it beside the guides' q."""
+
+    def posterior(self, x: torch.Tensor) -> tuple:
+        """``(mean (N, D), precision (D, D))`` of p(z | x), the local sites concatenated in the model's order."""

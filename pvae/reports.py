@@ -1,8 +1,10 @@
 """Results as people read them: terminal tables and Markdown for an :class:`~pvae.evaluate.Evaluation`
-and a :class:`~pvae.compare.Comparison`, and the published figures they are set beside, only where the
-run's setting matches the paper's."""
+and a :class:`~pvae.compare.Comparison`, the published figures they are set beside, only where the
+run's setting matches the paper's, and a run folder as one self-contained HTML page
+(:func:`write_report`)."""
 
 import math
+from pathlib import Path
 from typing import Optional
 
 from .compare import Comparison
@@ -162,3 +164,189 @@ def reconstruction_table(result) -> str:
         cells = [str(by_dim[d]) if d in by_dim else "—" for d in dims]
         lines.append(f"| {CODER_LABELS.get(method, method)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the HTML report
+
+REPORT = "report.html"
+IMAGE_TYPES = {".png": "image/png", ".gif": "image/gif"}
+METRIC_COLUMNS = ("epoch", "train_loss", "train_elbo", "train_recon", "train_kl", "test_elbo", "test_recon", "test_kl",
+                  "kl_weight", "seconds", "elapsed")
+STYLE = """
+body { font-family: sans-serif; max-width: 1180px; margin: 1.5em auto; padding: 0 1em; color: #222; line-height: 1.4; }
+h1 { font-size: 1.6em; margin-bottom: 0.1em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em; margin-top: 1.6em; }
+.sub { color: #666; margin-top: 0; } nav a { margin-right: 1em; }
+table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.92em; }
+th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: left; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+th { background: #f3f3f3; } details { margin: 0.6em 0; }
+.row { display: flex; flex-wrap: wrap; gap: 0 2.5em; align-items: flex-start; }
+.figures { display: flex; flex-wrap: wrap; gap: 1.2em; align-items: flex-start; }
+figure { margin: 0; max-width: 100%; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { color: #444; font-size: 0.92em; } code { background: #f5f5f5; padding: 0 0.2em; }
+"""
+
+
+def write_report(run_dir, out=None) -> Path:
+    """One self-contained HTML page of a run folder, ``RUN/report.html`` (or ``out``): the config, the
+    final metrics and every epoch's, the evaluation and comparison results found in the folder, and
+    every figure in it (PNG and GIF, embedded as base64 ``data:`` URIs). No script, no stylesheet or
+    font from elsewhere: it opens from the file system, without a server or a network."""
+    from .metrics import read_metrics
+    from .run import read_config
+    from .utils import atomic_write
+
+    folder = Path(run_dir)
+    config = read_config(folder)
+    try:
+        history = read_metrics(folder)
+    except FileNotFoundError:
+        history = []
+    body = [f"<h1>pvae run {_e(folder.resolve().name)}</h1>",
+            f"<p class=\"sub\">{_e(str(folder.resolve()))}</p>"]
+    images = report_images(folder)
+    placed = set()
+
+    def beside(html: str, *names: str) -> str:
+        """``html`` with the figures ``names`` of the folder that exist, next to it."""
+        found = [p for p in images if p.name in names]
+        placed.update(found)
+        return "<div class=\"row\"><div>" + html + "</div>" + "".join(_figure_html(folder, p) for p in found) + "</div>"
+
+    sections = []
+    if history:
+        sections.append(("metrics", "Metrics", beside(_metrics_html(history), "curves.png")))
+    sections.append(("config", "Configuration", _config_html(config)))
+    for path in sorted(folder.glob("evaluation-*.json")):
+        split = path.stem.split("-", 1)[1]
+        sections.append((path.stem, f"Evaluation ({split} split)",
+                         beside(_evaluation_html(path), f"psis-{split}.png", f"kl-per-dim-{split}.png")))
+    for path in sorted(folder.glob("compare-*.json")):
+        split = path.stem.split("-", 1)[1]
+        sections.append((path.stem, f"Inference gaps ({split} split)",
+                         beside(_comparison_html(path, config, split), f"compare-{split}.png")))
+    rest = [p for p in images if p not in placed]
+    if rest:
+        sections.append(("figures", "Figures", "<div class=\"figures\">\n" + "\n".join(_figure_html(folder, p) for p in rest)
+                         + "\n</div>"))
+    body.append("<nav>" + "".join(f"<a href=\"#{_e(key)}\">{_e(title)}</a>" for key, title, _ in sections) + "</nav>")
+    body += [f"<section id=\"{_e(key)}\"><h2>{_e(title)}</h2>\n{html}</section>" for key, title, html in sections]
+    page = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>pvae run {_e(folder.resolve().name)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
+            + "\n".join(body) + "\n</body>\n</html>\n")
+    out = Path(out) if out is not None else folder / REPORT
+    atomic_write(out, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
+    return out
+
+
+def report_images(folder) -> list:
+    """Every figure in a run folder and its subfolders: first those of :data:`pvae.figures.FIGURES`, in
+    its order, then the rest by name."""
+    from .figures import FIGURES, figure_for_file
+
+    folder = Path(folder)
+    found = [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_TYPES and p.is_file()
+             and "tensorboard" not in p.relative_to(folder).parts]
+    order = {name: i for i, name in enumerate(FIGURES)}
+
+    def rank(path):
+        figure = figure_for_file(path.relative_to(folder).as_posix())
+        return (order[figure.name] if figure else len(order), path.relative_to(folder).as_posix())
+
+    return sorted(found, key=rank)
+
+
+def _figure_html(folder, path) -> str:
+    import base64
+
+    from .figures import figure_for_file
+
+    name = path.relative_to(folder).as_posix()
+    figure = figure_for_file(name)
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    caption = f": {_e(figure.caption)}" if figure else ""
+    return (f"<figure><img src=\"data:{IMAGE_TYPES[path.suffix.lower()]};base64,{data}\" alt=\"{_e(name)}\" "
+            f"data-file=\"{_e(name)}\"><figcaption><code>{_e(name)}</code>{caption}</figcaption></figure>")
+
+
+def _metrics_html(history: list) -> str:
+    columns = [c for c in METRIC_COLUMNS if any(c in r for r in history)]
+    final = history[-1]
+    summary = _table(["measure", "after the last epoch"],
+                     [[c.replace("_", " "), _num(final[c])] for c in columns if c in final])
+    every = _table(columns, [[_num(r.get(c)) for c in columns] for r in history])
+    return (f"<p>{len(history)} epochs, {final.get('step', '?')} steps, {_num(final.get('elapsed'))} s of training. "
+            "ELBOs in nats per datapoint (higher is better).</p>" + summary +
+            f"<details><summary>every epoch</summary>{every}</details>")
+
+
+def _config_html(config: dict) -> str:
+    parts = []
+    for key, title in (("run", "data, model and guide"), ("fit", "fitting")):
+        block = config.get(key) or {}
+        if block:
+            parts.append(f"<div><h3>{title}</h3>" + _table(["setting", "value"], [[k, _value(v)] for k, v in sorted(block.items())])
+                         + "</div>")
+    if not config.get("run"):
+        parts.append("<p>Fitted from Python without a factory: the data and programs are not recorded.</p>")
+    return "<div class=\"row\">" + "\n".join(parts) + "</div>"
+
+
+def _evaluation_html(path) -> str:
+    import json
+
+    ev = Evaluation.from_dict(json.loads(path.read_text()))
+    context = ", ".join(f"{k} {v}" for k, v in ev.info.items())
+    rows = [[EVALUATION_LABELS[name], _num(est.mean), _num(est.se)] for name, est in ev.summary().items()]
+    dims = [[name, _num(ev.activity[i]), _num(ev.kl_per_dim[i]), _num(ev.kl_per_dim_se[i])]
+            for i, name in enumerate(ev.latent_names)]
+    return (f"<p>{ev.num_datapoints} datapoints, K = {ev.num_samples} samples of q(z|x) each"
+            + (f"; {_e(context)}" if context else "") + ". Means over datapoints with their standard errors.</p>"
+            + _table(["measure", "mean", "s.e."], rows)
+            + f"<p>Active units: {ev.active_units} of {len(ev.latent_names)} (Cov_x(E_q[z_d]) &gt; {ev.active_threshold}).</p>"
+            + _table(["latent", "Cov_x(E_q[z_d])", "KL", "s.e."], dims))
+
+
+def _comparison_html(path, config: dict, split: str) -> str:
+    import json
+
+    c = Comparison.from_dict(json.loads(path.read_text()))
+    reference = cremer_reference({**(config.get("run") or {}), "split": split})
+    head = ["", "ours (nats)"] + (["Cremer et al. 2018"] if reference else [])
+    rows = [[label, "-" if est is None else str(est)] + ([_num(ref)] if reference else [])
+            for label, est, ref in comparison_rows(c, reference)]
+    note = f"<p>Reference: {_e(reference['source'])}.</p>" if reference else ""
+    return f"<p>{c.datapoints} datapoints; mean ± standard error, gaps paired by datapoint.</p>" + _table(head, rows) + note
+
+
+def _table(head, rows) -> str:
+    lines = ["<table><thead><tr>" + "".join(f"<th>{_e(str(h))}</th>" for h in head) + "</tr></thead><tbody>"]
+    for row in rows:
+        cells = "".join(f"<td class=\"num\">{_e(v)}</td>" if _numeric(v) else f"<td>{_e(str(v))}</td>" for v in row)
+        lines.append(f"<tr>{cells}</tr>")
+    return "\n".join(lines) + "</tbody></table>"
+
+
+def _numeric(v) -> bool:
+    try:
+        float(str(v).replace("−", "-").split(" ")[0])
+    except ValueError:
+        return False
+    return True
+
+
+def _num(v) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "—"
+    if isinstance(v, int):
+        return str(v)
+    return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.1f}"
+
+
+def _value(v) -> str:
+    return ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+
+def _e(text: str) -> str:
+    import html
+
+    return html.escape(str(text), quote=True)

@@ -32,3 +32,25 @@ def test_fit_on_cuda_keeps_everything_on_the_device_and_resumes(tmp_path):
     config.epochs = 3
     resumed = pvae.fit(model, guide, data, config, out_dir=tmp_path, resume=True, device=device)
     assert len(resumed.history) == 3
+
+
+def test_figures_of_a_run_on_cuda(tmp_path):
+    """Codes, decoded means, snapshots (their random state set aside on the device too) and every
+    figure of a run trained on the GPU."""
+    from pvae import figures
+
+    device = pvae.resolve_device("auto")
+    data = pvae.load_dataset("digits", binarize="static")
+    pvae.set_seed(0)
+    model, guide = mlp_vae(64, 2, (32,)), mlp_guide(64, 2, (32,))
+    result = pvae.fit(model, guide, data, pvae.FitConfig(epochs=2, progress=False), out_dir=tmp_path, device=device,
+                      callbacks=[figures.LatentSnapshots(tmp_path)])
+    data = data.to(device)
+    codec = figures.codec_for(model, guide, data)
+    assert codec.encode(data.batch("test")).device.type == "cuda"
+    assert codec.decode(torch.zeros(3, 2)).device.type == "cuda"  # codes from the CPU are moved
+    ctx = figures.FigureContext(model, guide, data, tmp_path, result.history)
+    written, skipped = figures.draw_figures(ctx)
+    assert {p.name for p in written} >= {"reconstructions.png", "samples.png", "manifold.png", "posteriors-test.png"}
+    assert list(skipped) == ["gaps"]
+    assert (tmp_path / "latent-training.gif").is_file()

@@ -71,7 +71,9 @@ def check_latent_sizes(result, printed, out):
         image = matplotlib.image.imread(r["samples"])
         assert image.ndim == 3 and min(image.shape[:2]) > 50, f"latent size {size}: a {image.shape} picture"
         assert image.std() > 0.01, f"latent size {size}: a blank picture"
-    assert sorted(p.name for p in out.iterdir()) == ["samples_z2.png", "samples_z5.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["samples_by_size.png", "samples_z2.png", "samples_z5.png"]
+    panel, one = (matplotlib.image.imread(out / name) for name in ("samples_by_size.png", "samples_z2.png"))
+    assert panel.shape[1] > 1.8 * one.shape[1] and panel.std() > 0.01, "two sizes side by side"
     assert len(ELBO_LINE.findall(printed)) == 2
 
 
