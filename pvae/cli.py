@@ -3,6 +3,9 @@
 Each subcommand is a ``(add_arguments, run)`` pair in :data:`COMMANDS`; ``run(args)`` returns an
 exit code. Flags left out take the defaults of :class:`~pvae.registry.RunConfig` and
 :class:`~pvae.train.FitConfig`.
+
+``torchrun --nproc_per_node=R -m pvae train ...`` trains data-parallel on R processes (see
+:mod:`pvae.distributed`); rank 0 prints and writes the run folder, and an error names its rank.
 """
 
 import argparse
@@ -13,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import plots
+from . import distributed, plots
 from .data import BINARIZE, DATASETS
 from .inference import ELBOS
 from .programs import ProgramError
@@ -61,7 +64,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     arch.add_argument("--refine-lr", type=float, help=f"semi-amortized guide: the size of those steps (default: {run['refine_lr']})")
     opt = p.add_argument_group("fitting")
     opt.add_argument("--epochs", type=int, help=f"default: {fitd['epochs']}; with --resume, the new total")
-    opt.add_argument("--batch-size", type=int, help=f"default: {fitd['batch_size']}")
+    opt.add_argument("--batch-size", type=int, help=f"per rank under torchrun, whose batches have ranks x this many rows (default: {fitd['batch_size']})")
     opt.add_argument("--lr", type=float, help=f"Adam's learning rate (default: {fitd['lr']})")
     opt.add_argument("--local-lr", type=float, help=f"mean-field guide: SparseAdam's learning rate for the per-datapoint parameters, each row of which takes one step per epoch (default: {fitd['local_lr']})")
     opt.add_argument("--elbo", choices=list(ELBOS), help=f"{'; '.join(f'{k}: {v}' for k, v in ELBOS.items())} (default: {fitd['elbo']}; enumerated models get enum)")
@@ -72,7 +75,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     opt.add_argument("--eval-every", type=int, help="epochs between train/test ELBO evaluations; 0: never (default: 1)")
     opt.add_argument("--checkpoint-every", type=int, help="epochs between checkpoints (default: 1)")
     out = p.add_argument_group("output")
-    out.add_argument("--device", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ... (default: auto)")
+    out.add_argument("--device", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ...; under torchrun auto and cuda take the GPU of each rank's LOCAL_RANK (default: auto)")
     out.add_argument("--out", help="run folder (default: runs/<dataset>-<time>)")
     out.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     out.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
@@ -108,20 +111,25 @@ def run_train(args) -> int:
             cfg.device = args.device
     else:
         cfg = config_from_args(args)
-    out = Path(args.out or f"runs/{Path(cfg.dataset).name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    device = resolve_device(cfg.device)
-    data = load_data(cfg)
+    world, device = distributed.join(cfg.device)
+    # rank 0's clock names the folder
+    out = Path(world.from_main(args.out or f"runs/{Path(cfg.dataset).name}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    data = world.main_first(lambda: load_data(cfg))  # one rank downloads, the others read its files
     set_seed(cfg.fit.seed)  # the initial weights; fit seeds the training itself
     model, guide = build(cfg, data)
     what = f"{cfg.model} VAE ({cfg.likelihood}, z in R^{cfg.latent_dim})" if cfg.model in MODELS else cfg.model
-    print(f"pvae train: {what} with the {cfg.guide or type(guide).__name__} guide "
-          f"on {data.name} ({data.train.shape[0]} train / {data.test.shape[0]} test), {device}, run folder {out}")
+    ranks = f" x {world.size} ranks (batches of {world.size} x {cfg.fit.batch_size})" if world.distributed else ""
+    say = print if world.is_main else (lambda *a, **k: None)
+    say(f"pvae train: {what} with the {cfg.guide or type(guide).__name__} guide "
+        f"on {data.name} ({data.train.shape[0]} train / {data.test.shape[0]} test), {device}{ranks}, run folder {out}")
     callbacks = []
     has_encoder = hasattr(guide, "encode") and has_q_for(guide, "test")  # not mean-field
     if cfg.latent_dim == 2 and not args.no_figures and data.train_labels is not None and has_encoder and cfg.model in MODELS:
         callbacks.append(_latent_snapshots(out, data.to(device), cfg.fit.epochs))
     result = fit(model, guide, data, cfg.fit, out_dir=out, resume=args.resume, device=device,
                  run_config=cfg.to_dict(), callbacks=callbacks)
+    if not world.is_main:
+        return 0
     if not args.no_figures:
         write_figures(out, model, guide, data.to(device), cfg, result.history, device)
     final = result.final
@@ -327,10 +335,16 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
     try:
+        if args.command != "train" and distributed.launched_ranks() > 1:
+            raise ValueError(f"only pvae train runs on several processes: run pvae {args.command} without torchrun")
         return COMMANDS[args.command][1](args)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, FloatingPointError, ProgramError) as e:
-        print(f"pvae {args.command}: error: {e}", file=sys.stderr)
+        world = distributed.current_world()
+        where = f"{world.describe()}: " if world.distributed else ""
+        print(f"pvae {args.command}: error: {where}{e}", file=sys.stderr)
         return 2
+    finally:
+        distributed.leave()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,12 @@ is an ``nn.Module``, or a bound method of one), the whole Pyro param store (``py
 ``pyro.module`` registrations, unconstrained, with their constraints' names), the optimizers' states,
 every random generator's state, the history and the config. It is written atomically and read with
 ``torch.load(weights_only=True)``: nothing in it is unpickled.
+
+In a data-parallel fit rank 0 alone writes the folder. Its checkpoint is the one a single process would
+write: per-datapoint tables and their optimizer moments are gathered whole from the ranks that hold
+their rows, so that a run saved with N ranks resumes with M; it adds each rank's random state, which a
+rank resuming with the same number restores. Every rank reads the checkpoint to resume (the run folder
+must be on a filesystem every node sees).
 """
 
 import json
@@ -23,6 +29,7 @@ import torch
 
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .data import Dataset
+from .distributed import RowTables
 from .metrics import MetricsWriter
 from .programs import Batch, Program, ProgramInfo, inspect_programs
 from .svi import program_modules
@@ -48,24 +55,33 @@ def run_config_for(data: Dataset, factory=None) -> Optional[dict]:
 # ----------------------------------------------------------------------------- the checkpoint schema
 
 
-def program_state(model: Program, guide: Program) -> dict:
-    """Every trainable tensor of the programs, as plain tensors and strings."""
+def program_state(model: Program, guide: Program, tables: Optional[RowTables] = None) -> dict:
+    """Every trainable tensor of the programs, as plain tensors and strings; per-datapoint ``tables``
+    spread over ranks are gathered whole on rank 0 (every rank calls it then)."""
+    whole = (lambda t: t.detach()) if tables is None else (lambda t: (tables.gather(t) if t in tables else t).detach())
     store = pyro.get_param_store().get_state()
     return {
-        "modules": {role: [m.state_dict() for m in program_modules(p)] for role, p in (("model", model), ("guide", guide))},
-        "param_store": {name: value.detach() for name, value in store["params"].items()},
+        "modules": {role: [{k: whole(v) for k, v in m.state_dict(keep_vars=True).items()} for m in program_modules(p)]
+                    for role, p in (("model", model), ("guide", guide))},
+        "param_store": {name: whole(value) for name, value in store["params"].items()},
         "constraints": {name: str(c) for name, c in store["constraints"].items()},
     }
 
 
-def restore_programs(model: Program, guide: Program, saved: dict, where: str = "the checkpoint") -> None:
+def restore_programs(model: Program, guide: Program, saved: dict, where: str = "the checkpoint",
+                     tables: Optional[RowTables] = None) -> None:
     """Load what :func:`program_state` saved into programs that have run once (so that lazily built
-    guides and every ``pyro.param`` exist); tensors are copied in place, keeping optimizers' references."""
+    guides and every ``pyro.param`` exist); tensors are copied in place, keeping optimizers' references.
+    With ``tables``, each per-datapoint table takes this rank's rows of the saved whole one."""
+    mine = (lambda now, value: value) if tables is None else (
+        lambda now, value: tables.take(value) if now in tables else value)
     for role, program in (("model", model), ("guide", guide)):
         modules, states = program_modules(program), saved["modules"][role]
         if len(modules) != len(states):
             raise ValueError(f"{where} holds {len(states)} {role} module(s), but this {role} has {len(modules)}")
         for module, state in zip(modules, states):
+            now = module.state_dict(keep_vars=True)
+            state = {k: mine(now[k], v) if k in now else v for k, v in state.items()}
             try:
                 module.load_state_dict(state)
             except RuntimeError as e:
@@ -79,6 +95,7 @@ def restore_programs(model: Program, guide: Program, saved: dict, where: str = "
         raise ValueError(f"{where} holds pyro.param(s) {', '.join(missing)} that these programs do not declare")
     with torch.no_grad():
         for name, value in saved["param_store"].items():
+            value = mine(params[name], value)
             if params[name].shape != value.shape:
                 raise ValueError(f"pyro.param {name!r} has shape {tuple(params[name].shape)} here but "
                                  f"{tuple(value.shape)} in {where}")
@@ -87,7 +104,8 @@ def restore_programs(model: Program, guide: Program, saved: dict, where: str = "
 
 class RunFolder(Callback):
     """The run folder of a fit: ``config.json`` (once), ``metrics.jsonl`` and ``metrics.csv`` (every
-    epoch), ``checkpoint.pt`` (every ``checkpoint_every`` epochs and after the last)."""
+    epoch), ``checkpoint.pt`` (every ``checkpoint_every`` epochs and after the last). In a data-parallel
+    fit it runs on every rank, since checkpoints gather the per-datapoint tables, and rank 0 writes."""
 
     def __init__(self, path, resume: bool = False, run_config: Optional[dict] = None):
         self.path = Path(path)
@@ -101,10 +119,12 @@ class RunFolder(Callback):
             if not self.checkpoint.is_file():
                 raise FileNotFoundError(f"cannot resume: no {CHECKPOINT} in {self.path}")
             self._restore(state, load_checkpoint(self.checkpoint, map_location="cpu"))
-        elif self.checkpoint.exists():
+        elif state.world.is_main and self.checkpoint.exists():
             raise FileExistsError(
                 f"{self.path} already holds a run; resume it, or choose another folder (nothing was overwritten)"
             )
+        if not state.world.is_main:
+            return
         self.path.mkdir(parents=True, exist_ok=True)
         write_json(self.path / CONFIG_JSON, {"format": FORMAT, "fit": asdict(state.config), "run": self.run_config})
         self.writer = MetricsWriter(self.path)
@@ -112,21 +132,28 @@ class RunFolder(Callback):
             self.writer.write(state.history)
 
     def on_epoch_end(self, state: FitState, record: dict) -> None:
-        self.writer.write(state.history)
+        world = state.world
+        if world.is_main:
+            self.writer.write(state.history)
         every = state.config.checkpoint_every
         if record["epoch"] == state.config.epochs or (every and record["epoch"] % every == 0):
-            save_checkpoint(self.checkpoint, {
+            checkpoint = {  # gathering the tables and random states is a collective: every rank takes part
                 "format": FORMAT,
                 "epoch": state.epoch,
                 "step": state.steps,
                 "seconds": state.seconds,
                 "history": state.history,
                 "config": {"fit": asdict(state.config), "run": self.run_config},
-                "programs": program_state(state.model, state.guide),
-                "optimizers": state.step.state_dict(),
+                "programs": program_state(state.model, state.guide, state.tables),
+                "optimizers": state.step.state_dict(state.tables),
                 "rng": rng_state(),
                 "generator": state.generator.get_state(),
-            })
+                "world_size": world.size,
+            }
+            if world.distributed:
+                checkpoint["rngs"] = world.gather_objects(rng_state())
+            if world.is_main:
+                save_checkpoint(self.checkpoint, checkpoint)
 
     def on_fit_end(self, state: FitState) -> None:
         if self.writer is not None:
@@ -135,9 +162,13 @@ class RunFolder(Callback):
     def _restore(self, state: FitState, saved: dict) -> None:
         _check_format(saved, self.checkpoint)
         _check_same_config(saved["config"]["fit"], state.config)
-        restore_programs(state.model, state.guide, saved["programs"], str(self.checkpoint))
-        state.step.load_state_dict(saved["optimizers"])
-        set_rng_state(saved["rng"])
+        restore_programs(state.model, state.guide, saved["programs"], str(self.checkpoint), state.tables)
+        state.step.load_state_dict(saved["optimizers"], state.tables)
+        rank, rngs = state.world.rank, saved.get("rngs", [saved["rng"]])
+        if rank < len(rngs):  # each rank's own stream where the run had this rank, else a new one
+            set_rng_state(rngs[rank])
+        else:
+            state.world.seed(state.config.seed, saved["epoch"])
         state.generator.set_state(saved["generator"])
         state.history, state.epoch, state.steps, state.seconds = (
             saved["history"], saved["epoch"], saved["step"], saved["seconds"])

@@ -5,11 +5,15 @@
 per-epoch evaluation of the train and test ELBO (:class:`EvaluateEpochs`), the run folder with its
 config, metrics and checkpoints (:class:`pvae.run.RunFolder`), latent-space snapshots, your own. The
 loop knows no file names.
+
+Called on every rank of a ``torch.distributed`` process group, :func:`fit` trains data-parallel (see
+:mod:`pvae.distributed`): each rank takes its share of every batch of R x ``batch_size`` rows, the
+steps all-reduce the gradients, and rank 0 alone writes the run folder and prints.
 """
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -17,9 +21,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Dataset, batches
+from .distributed import GradientSync, RowTables, Shard, World, check_backend, current_world, next_fit_key
 from .inference import ELBOS, KLWeight, batched, elbo_terms, make_elbo
 from .programs import Batch, Program, ProgramInfo, inspect_programs
-from .protocols import has_q_for
+from .protocols import PerDatapoint, ShardedRows, has_q_for
 from .svi import SVIStep, collect_params, make_optimizers, program_modules
 from .utils import set_seed
 
@@ -29,7 +34,7 @@ class FitConfig:
     """How to fit; saved in every run folder and checkpoint."""
 
     epochs: int = 100  # passes over the training set
-    batch_size: int = 128
+    batch_size: int = 128  # per rank: a data-parallel fit's batches have (ranks x batch_size) rows
     lr: float = 1e-3  # Adam's learning rate
     # SparseAdam's learning rate for per-datapoint parameters (a mean-field guide's tables): each row
     # takes one step per epoch, not one per batch, so it needs larger steps than the decoder's
@@ -79,10 +84,17 @@ class FitState:
     epoch: int = 0  # epochs done
     steps: int = 0
     seconds: float = 0.0  # in training steps, evaluation excluded
+    world: World = field(default_factory=World)  # the ranks of a data-parallel fit; one process by default
+    shard: Optional[Shard] = None  # this rank's part of every batch; None: all of it
+    tables: Optional[RowTables] = None  # per-datapoint tables spread over the ranks, gathered by checkpoints
 
     @property
     def num_data(self) -> int:
         return self.data.train.shape[0]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.num_data / (self.config.batch_size * self.world.size))
 
 
 class Callback:
@@ -97,13 +109,14 @@ class Callback:
 
 
 class _EpochFunction(Callback):
-    """A plain function ``callback(record, model, guide)`` after every epoch."""
+    """A plain function ``callback(record, model, guide)`` after every epoch (on rank 0 only)."""
 
     def __init__(self, fn: Callable):
         self.fn = fn
 
     def on_epoch_end(self, state, record):
-        self.fn(record, state.model.fn, state.guide.fn)
+        if state.world.is_main:
+            self.fn(record, state.model.fn, state.guide.fn)
 
 
 @dataclass
@@ -149,8 +162,8 @@ def fit(
     :param resume: continue the run in ``out_dir`` from its checkpoint; it gives the same metrics as
         an uninterrupted run. ``config.epochs`` may be raised to train longer.
     :param device: where to train; by default the data's device. Data and parameters are moved there.
-    :param callbacks: :class:`Callback` s, or functions ``callback(record, model, guide)`` called after
-        every epoch.
+    :param callbacks: :class:`Callback` s (on every rank of a data-parallel fit; ``state.world`` says
+        which), or functions ``callback(record, model, guide)`` called after every epoch (on rank 0).
     :param run_config: saved in the run folder's config beside the fit config (the command line saves
         its data and architecture choices here, from which ``pvae evaluate RUN`` rebuilds the run).
     :param factory: how to rebuild the programs, saved with the run so that ``pvae evaluate RUN`` and
@@ -159,36 +172,56 @@ def fit(
 
     Seeds every random generator from ``config.seed`` and clears Pyro's param store first; guides that
     build their parameters at the first call (:mod:`pvae.guides`) build them then, from that seed.
+
+    Inside a ``torch.distributed`` process group of R ranks, call it on every rank with the same
+    arguments (``device``: this rank's, e.g. ``cuda:LOCAL_RANK`` with NCCL): the fit is data-parallel
+    (see :mod:`pvae.distributed`), its steps those of one process with batches of R x ``batch_size``
+    rows; every rank starts from rank 0's weights and returns the same fitted programs (a mean-field
+    guide holds its rank's rows), and rank 0 alone writes ``out_dir``.
     """
     from .run import RunFolder, run_config_for
 
     config = config or FitConfig()
-    data = as_dataset(data)
-    device = torch.device(device) if device is not None else data.train.device
-    _check_data_fits_likelihood(model, data)
+    world = current_world()
+    key = next_fit_key()
+    with world.together():  # no collective inside: a failure on any rank stops every rank here
+        data = as_dataset(data)
+        device = torch.device(device) if device is not None else data.train.device
+        if world.distributed:
+            check_backend(device)
+        _check_data_fits_likelihood(model, data)
 
-    set_seed(config.seed)
-    data = data.to(device)
-    model, guide = Program(model, "model"), Program(guide, "guide")
-    for program in (model, guide):
-        for module in program_modules(program):
-            module.to(device)
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    probe = data.batch("train", torch.arange(min(config.batch_size, data.train.shape[0]), device=device))
-    if data.binarize == "dynamic":
-        probe = Batch(torch.bernoulli(probe.x, generator=torch.Generator(device=device).manual_seed(config.seed + 1)),
-                      probe.idx, probe.num_data, probe.inputs, probe.split)
-    # one run builds lazily set-up guides and checks the programs; it is the first step's validation too
-    info = inspect_programs(model, guide, probe)
-    params = collect_params(model, guide, probe)
-    modules = [m for p in (model, guide) for m in program_modules(p)]
-    weighted = config.beta != 1.0 or config.kl_warmup_epochs > 0
-    step = SVIStep(
-        model, guide, make_elbo(config.elbo, config.num_particles, info),
-        make_optimizers(params, modules, config.lr, config.local_lr), params,
-        kl_weight=KLWeight(config.beta) if weighted else None, validate=config.validate,
-    )
-    state = FitState(model, guide, step, data, config, info, generator)
+        set_seed(config.seed)
+        data = data.to(device)
+        model, guide = Program(model, "model"), Program(guide, "guide")
+        for program in (model, guide):
+            for module in program_modules(program):
+                module.to(device)
+        shard = world.shard(by_row=isinstance(guide.fn, PerDatapoint))
+        if shard is not None and shard.by_row:
+            if not isinstance(guide.fn, ShardedRows):
+                raise ValueError(f"the guide {type(guide.fn).__name__} has per-datapoint parameters but cannot hold one "
+                                 "rank's rows of them (pvae.protocols.ShardedRows): fit it in one process")
+            guide.fn.hold_rows(shard)
+        generator = torch.Generator(device=device).manual_seed(config.seed)
+        probe = _probe(data, config, shard, device)
+        # one run builds lazily set-up guides and checks the programs; it is the first step's validation too
+        info = inspect_programs(model, guide, probe)
+        params = collect_params(model, guide, probe)
+        modules = [m for p in (model, guide) for m in program_modules(p)]
+        tables = RowTables(guide.fn.row_tables(), data.train.shape[0], shard) if shard is not None and shard.by_row else None
+        weighted = config.beta != 1.0 or config.kl_warmup_epochs > 0
+        step = SVIStep(
+            model, guide, make_elbo(config.elbo, config.num_particles, info),
+            make_optimizers(params, modules, config.lr, config.local_lr), params,
+            kl_weight=KLWeight(config.beta) if weighted else None, validate=config.validate,
+            sync=GradientSync(params, [] if tables is None else guide.fn.row_tables()) if world.distributed else None,
+        )
+    if world.distributed:  # every rank starts from rank 0's weights, then draws noise of its own
+        world.broadcast([p for p in params if p not in tables] if tables is not None else params)
+        world.broadcast([b for m in modules for b in m.buffers()])
+        world.seed(config.seed)
+    state = FitState(model, guide, step, data, config, info, generator, world=world, shard=shard, tables=tables)
 
     hooks = [EvaluateEpochs(config)] if config.eval_every else []
     hooks += [c if isinstance(c, Callback) else _EpochFunction(c) for c in callbacks]
@@ -196,10 +229,16 @@ def fit(
         hooks.append(RunFolder(out_dir, resume, run_config if run_config is not None else run_config_for(data, factory)))
     elif resume:
         raise ValueError("resume needs out_dir, the run folder to continue")
-    for hook in hooks:
-        hook.on_fit_start(state)
     try:
+        with world.together():
+            for hook in hooks:
+                hook.on_fit_start(state)
         _loop(state, hooks)
+    except Exception as e:  # the ranks are out of step: name the one that stopped the others
+        stopped = world.failed(e, key)
+        if stopped is not None:
+            raise stopped from e
+        raise
     finally:
         for hook in hooks:
             hook.on_fit_end(state)
@@ -209,19 +248,30 @@ def fit(
                      state.seconds, state.steps, info)
 
 
+def _probe(data: Dataset, config: FitConfig, shard: Optional[Shard], device) -> Batch:
+    """The first batch's worth of this rank's training rows: what lazily built guides are set up from."""
+    rows = torch.arange(data.train.shape[0], device=device) if shard is None else shard.rows(data.train.shape[0], device)
+    probe = data.batch("train", rows[: config.batch_size])
+    if data.binarize == "dynamic":
+        probe = Batch(torch.bernoulli(probe.x, generator=torch.Generator(device=device).manual_seed(config.seed + 1)),
+                      probe.idx, probe.num_data, probe.inputs, probe.split)
+    return probe
+
+
 def _loop(state: FitState, hooks: list) -> None:
     config, step = state.config, state.step
     device = state.data.train.device
-    steps_per_epoch = math.ceil(state.num_data / config.batch_size)
+    steps_per_epoch = state.steps_per_epoch
     warmup_steps = config.kl_warmup_epochs * steps_per_epoch
+    progress = config.progress and state.world.is_main
     modules = [m for p in (state.model, state.guide) for m in program_modules(p)]
     for epoch in range(state.epoch + 1, config.epochs + 1):
         for module in modules:
             module.train()
         loss_sum = torch.zeros((), device=device)
         start = time.perf_counter()
-        bar = tqdm(batches(state.data, config.batch_size, state.generator), total=steps_per_epoch,
-                   desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress, leave=False)
+        bar = tqdm(batches(state.data, config.batch_size, state.generator, shard=state.shard), total=steps_per_epoch,
+                   desc=f"epoch {epoch}/{config.epochs}", disable=not progress, leave=False)
         for batch in bar:
             if warmup_steps:
                 step.kl_weight.weight = config.beta * min(1.0, (state.steps + 1) / warmup_steps)
@@ -251,7 +301,7 @@ def _loop(state: FitState, hooks: list) -> None:
         state.history.append(record)  # hooks add to the record in place
         for hook in hooks:
             hook.on_epoch_end(state, record)
-        if config.progress:
+        if progress:
             tqdm.write(_summary(record))
 
 
@@ -260,7 +310,8 @@ class EvaluateEpochs(Callback):
     ``eval_every`` epochs and after the last, added to the epoch's record as ``train_elbo``,
     ``test_recon``, ... (per datapoint; with global latent sites ``train_elbo`` includes the global KL's
     share, ``global_kl / N``, so that it is the negated training objective at KL weight 1). A guide with
-    no q for held-out data (mean-field) gets the train terms only."""
+    no q for held-out data (mean-field) gets the train terms only. In a data-parallel fit each rank
+    evaluates its share of the rows (:meth:`~pvae.distributed.Shard.rows`) and the terms are gathered."""
 
     def __init__(self, config: FitConfig):
         self.config = config
@@ -275,6 +326,10 @@ class EvaluateEpochs(Callback):
         self.splits = {"train": batch}
         if state.data.test.shape[0] and has_q_for(state.guide.fn, "test"):
             self.splits["test"] = state.data.batch("test")
+        if state.shard is not None:  # this rank's rows; the test split has no per-datapoint tables to follow
+            self.splits = {split: b.rows(state.shard.rows(len(b), device) if split == "train" else
+                                         replace(state.shard, by_row=False).rows(len(b), device))
+                           for split, b in self.splits.items()}
 
     def on_epoch_end(self, state, record):
         epoch, every = record["epoch"], self.config.eval_every
@@ -282,7 +337,8 @@ class EvaluateEpochs(Callback):
             return
         for split, batch in self.splits.items():
             terms = batched(lambda b: elbo_terms(state.model, state.guide, b, info=state.info), batch,
-                            self.config.eval_batch_size)
+                            self.config.eval_batch_size) if len(batch) else {}
+            terms = state.world.gather_rows(terms)
             global_kl = terms.pop("global_kl")
             for key, value in terms.items():
                 record[f"{split}_{key}"] = value.mean().item()
