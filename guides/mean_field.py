@@ -26,9 +26,8 @@ References:
 from typing import Optional
 
 import torch
-from torch import nn
-
 from pyro.infer.util import is_validation_enabled
+from torch import nn
 
 from pvae.programs import Batch, ProgramError
 
