@@ -9,7 +9,8 @@ gradients are sparse, so :func:`pvae.fit` gives it ``torch.optim.SparseAdam``: a
 writes only the batch's rows and keeps Adam's moments per row, which do not decay while a row is not
 seen (the "lazy Adam" of TensorFlow's ``LazyAdamOptimizer``; the bias correction counts the table's
 steps, not the row's). A step costs the same whether the table has ten thousand or a million rows,
-and memory is the table plus two moments, :math:`O(N \\cdot size)`.
+and memory is the table plus two moments, :math:`O(N \\cdot size)`. In a data-parallel fit each rank
+holds only the rows of the datapoints it owns (:meth:`MeanFieldGuide.hold_rows`), N / R of them.
 
 Fitting these local parameters together with the model is variational EM (Hoffman et al. 2013,
 stochastic variational inference with the local step replaced by gradient steps); on held-out data
@@ -25,6 +26,7 @@ References:
 from typing import Optional
 
 import torch
+from pyro.infer.util import is_validation_enabled
 from torch import nn
 
 from pvae.programs import Batch, ProgramError
@@ -57,6 +59,7 @@ class MeanFieldGuide(SiteGuide):
             raise ValueError(f"init_scale must exceed {SCALE_FLOOR}, got {init_scale}")
         self.num_data, self.init_scale, self.sparse, self.split = num_data, init_scale, sparse, split
         self.table = None
+        self.shard = None  # in a data-parallel fit: the rows this rank holds (pvae.distributed.Shard)
         if sites is not None and num_data is not None:
             self._build(None)
             self._ready = True
@@ -67,9 +70,35 @@ class MeanFieldGuide(SiteGuide):
         self._build(batch.x.device)
 
     def _build(self, device) -> None:
-        self.table = nn.Embedding(self.num_data, self.family.size, sparse=self.sparse, device=device)
+        rows = self.num_data if self.shard is None else self.shard.count(self.num_data)
+        self.table = nn.Embedding(rows, self.family.size, sparse=self.sparse, device=device)
         with torch.no_grad():
-            self.table.weight.copy_(self.family.init_raw(self.num_data, self.init_scale, device))
+            self.table.weight.copy_(self.family.init_raw(rows, self.init_scale, device))
+
+    def hold_rows(self, shard) -> None:
+        """Keep only the rows of the datapoints that ``shard``'s rank owns (row n on rank n mod R), as
+        rank r of a data-parallel fit does: ``idx`` stay the rows' positions in the whole split."""
+        if self.shard is not None:
+            raise ValueError("this mean-field guide already holds the rows of one rank")
+        self.shard = shard
+        if self.table is not None:
+            whole = self.table.weight.detach()
+            self._build(whole.device)
+            with torch.no_grad():
+                self.table.weight.copy_(whole[shard.rank::shard.size])
+
+    def row_tables(self) -> list:
+        """The tensors whose rows are datapoints (a checkpoint gathers them from every rank)."""
+        return [self.table.weight]
+
+    def _rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Positions in the table of the datapoints ``idx``."""
+        if self.shard is None:
+            return idx
+        if is_validation_enabled() and not bool(self.shard.owns(idx).all()):
+            raise ProgramError(f"rank {self.shard.rank} of {self.shard.size} holds the mean-field parameters of rows "
+                               f"n with n % {self.shard.size} == {self.shard.rank} only, but was asked for others")
+        return self.shard.local(idx)
 
     def local_params(self, batch: Batch) -> dict:
         """The rows ``batch.idx`` of the table, as parameters of q."""
@@ -85,14 +114,14 @@ class MeanFieldGuide(SiteGuide):
                 f"this mean-field guide holds {self.num_data} datapoints but got rows of a split of "
                 f"{batch.num_data}: call it with the rows' positions in the data it was fitted to (idx)"
             )
-        return self.family.unpack(self.table(batch.idx))
+        return self.family.unpack(self.table(self._rows(batch.idx)))
 
     @torch.no_grad()
     def set_local_params(self, params: dict, idx: Optional[torch.Tensor] = None) -> None:
-        """Overwrite the rows ``idx`` (all rows when None) with ``params`` (natural parameters)."""
-        if idx is None:
-            idx = torch.arange(self.num_data, device=self.table.weight.device)
-        self.table.weight[idx] = self.family.pack(params).to(self.table.weight)
+        """Overwrite the rows ``idx`` (all rows this guide holds when None) with ``params`` (natural
+        parameters)."""
+        rows = torch.arange(self.table.num_embeddings, device=self.table.weight.device) if idx is None else self._rows(idx)
+        self.table.weight[rows] = self.family.pack(params).to(self.table.weight)
 
 
 def mean_field_guide(num_data: int, latent_dim: int, init_scale: float = 0.1, sparse: bool = True,

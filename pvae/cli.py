@@ -9,6 +9,8 @@ Every mistake gets one line, ``pvae <command>: error: ...``, naming the flag as 
 site: exit code 2 for a mistake in what was given (flags, files, data, programs), 1 for a failure on
 the way (a diverged fit, a full disk), 130 / 143 for SIGINT / SIGTERM (a fit saves its checkpoint at
 the step it reached first). ``--debug`` shows the traceback instead.
+``torchrun --nproc_per_node=R -m pvae train ...`` trains data-parallel on R processes (see
+:mod:`pvae.distributed`); rank 0 prints and writes the run folder, and an error names its rank.
 """
 
 import argparse
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from . import figures
+from . import distributed, figures
 from .data import BINARIZE, DATASETS
 from .errors import ConfigError, Interrupted, add_note, message
 from .inference import ELBOS, TC_ESTIMATORS
@@ -121,7 +123,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     noise.add_argument("--input-noise", type=NON_NEGATIVE, metavar="SIGMA", help="sigma of the Gaussian noise added to each input value of the encoder (default: 0)")
     opt = p.add_argument_group("fitting")
     opt.add_argument("--epochs", type=POSITIVE_INT, help=f"default: {fitd['epochs']}; with --resume, the new total")
-    opt.add_argument("--batch-size", type=POSITIVE_INT, help=f"default: {fitd['batch_size']}")
+    opt.add_argument("--batch-size", type=POSITIVE_INT, help=f"per rank under torchrun, whose batches have ranks x this many rows (default: {fitd['batch_size']})")
     opt.add_argument("--lr", type=POSITIVE, help=f"Adam's learning rate (default: {fitd['lr']})")
     opt.add_argument("--local-lr", type=POSITIVE, help=f"mean-field guide: SparseAdam's learning rate for the per-datapoint parameters, each row of which takes one step per epoch (default: {fitd['local_lr']})")
     opt.add_argument("--elbo", choices=list(ELBOS), help=f"{'; '.join(f'{k}: {v}' for k, v in ELBOS.items())} (default: {fitd['elbo']}; enumerated models get enum)")
@@ -134,7 +136,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     opt.add_argument("--eval-every", type=COUNT, help="epochs between train/test ELBO evaluations; 0: never (default: 1)")
     opt.add_argument("--checkpoint-every", type=COUNT, help="epochs between checkpoints; the last epoch always has one (default: 1)")
     out = p.add_argument_group("output")
-    out.add_argument("--device", type=_device, help="auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ... (default: auto)")
+    out.add_argument("--device", type=_device, help="auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ...; under torchrun auto and cuda take the GPU of each rank's LOCAL_RANK (default: auto)")
     out.add_argument("--out", help="run folder (default: runs/<dataset>-<time>)")
     out.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint (default: off)")
     out.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines (default: off, they are shown)")
@@ -180,10 +182,11 @@ def resumed_config(args) -> RunConfig:
 
 def run_train(args) -> int:
     cfg = resumed_config(args) if args.resume else config_from_args(args)
-    out = Path(args.out or f"runs/{Path(cfg.dataset).name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    device = resolve_device(cfg.device)
+    world, device = distributed.join(cfg.device)
+    # rank 0's clock names the folder
+    out = Path(world.from_main(args.out or f"runs/{Path(cfg.dataset).name}-{time.strftime('%Y%m%d-%H%M%S')}"))
     try:
-        data = load_data(cfg)
+        data = world.main_first(lambda: load_data(cfg))  # one rank downloads, the others read its files
     except ConfigError as e:  # a resumed run's data settings are its config file's
         raise e.within(str(out / CONFIG_JSON), "run") if args.resume and e.where is None else e
     set_seed(cfg.fit.seed)  # the initial weights; fit seeds the training itself
@@ -191,8 +194,10 @@ def run_train(args) -> int:
     dims = getattr(model, "latent_dims", (cfg.latent_dim,))
     what = (f"{cfg.model} {type(model).__name__} ({cfg.likelihood}, z in {' x '.join(f'R^{d}' for d in dims)})"
             if cfg.model in MODELS else cfg.model)
-    print(f"pvae train: {what} with the {cfg.guide or type(guide).__name__} guide "
-          f"on {data.name} ({data.train.shape[0]} train / {data.test.shape[0]} test), {device}, run folder {out}")
+    ranks = f" x {world.size} ranks (batches of {world.size} x {cfg.fit.batch_size})" if world.distributed else ""
+    say = print if world.is_main else (lambda *a, **k: None)
+    say(f"pvae train: {what} with the {cfg.guide or type(guide).__name__} guide "
+        f"on {data.name} ({data.train.shape[0]} train / {data.test.shape[0]} test), {device}{ranks}, run folder {out}")
     callbacks = [] if args.no_figures else [figures.LatentSnapshots(out)]
     try:
         result = fit(model, guide, data, cfg.fit, out_dir=out, resume=args.resume, device=device,
@@ -203,6 +208,8 @@ def run_train(args) -> int:
         elif (out / "checkpoint.pt").is_file() and (isinstance(e, Interrupted) or e.errno in (errno.ENOSPC, errno.EDQUOT)):
             add_note(e, f"continue with: pvae train --resume --out {out}")
         raise
+    if not world.is_main:
+        return 0
     try:
         if not args.no_figures:
             ctx = figures.FigureContext(model, guide, data.to(device), out, result.history, cfg.to_dict(), cfg.fit.seed)
@@ -525,6 +532,8 @@ def main(argv=None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None  # SIGTERM says why, as SIGINT
     try:
+        if args.command != "train" and distributed.launched_ranks() > 1:
+            raise ValueError(f"only pvae train runs on several processes: run pvae {args.command} without torchrun")
         return COMMANDS[args.command][1](args)
     except KeyboardInterrupt as e:
         if args.debug:
@@ -540,9 +549,12 @@ def main(argv=None) -> int:
             raise
         expected = isinstance(e, (*INPUT_ERRORS, OSError, FloatingPointError, RuntimeError))
         text = describe(e) if expected else f"{type(e).__name__}: {describe(e)} (run it again with --debug for the traceback)"
-        print(f"{prog}: error: {text}", file=sys.stderr)
+        world = distributed.current_world()
+        where = f"{world.describe()}: " if world.distributed else ""
+        print(f"{prog}: error: {where}{text}", file=sys.stderr)
         return 2 if isinstance(e, INPUT_ERRORS) else 1
     finally:
+        distributed.leave()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 

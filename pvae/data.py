@@ -172,12 +172,18 @@ class Dataset:
         )
 
 
-def batches(data: Dataset, batch_size: int, generator: torch.Generator, split: str = "train") -> Iterator[Batch]:
+def batches(data: Dataset, batch_size: int, generator: torch.Generator, split: str = "train",
+            shard=None) -> Iterator[Batch]:
     """The batches of one epoch over a split, in the order of a seeded permutation, as
     :class:`~pvae.programs.Batch` es with their side inputs.
 
     ``idx`` are the rows' positions in the split. The last batch may be smaller. Training images of a
     dynamically binarized set are a fresh Bernoulli draw of their grey levels each time.
+
+    :param shard: a rank's :class:`~pvae.distributed.Shard` in a data-parallel fit: the permutation is
+        cut into chunks of ``shard.size`` x ``batch_size`` rows, the batches of one process with that
+        batch size, and this rank gets its share of each chunk (possibly none of the last). Every rank
+        draws the same numbers from ``generator``, so the ranks' generators stay alike.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -185,10 +191,14 @@ def batches(data: Dataset, batch_size: int, generator: torch.Generator, split: s
     inputs = data.split_inputs(split)
     dynamic = split == "train" and data.binarize == "dynamic"
     perm = torch.randperm(x.shape[0], generator=generator, device=x.device)
-    for idx in perm.split(batch_size):
-        xb = x[idx]
-        if dynamic:
-            xb = torch.bernoulli(xb, generator=generator)
+    parts = ((idx, None) for idx in perm.split(batch_size)) if shard is None else shard.chunks(perm, batch_size)
+    for chunk, mine in parts:
+        idx = chunk if mine is None else chunk[mine]
+        if dynamic:  # the whole chunk is drawn on every rank: generators stay alike, draws match one process's
+            xb = torch.bernoulli(x[chunk], generator=generator)
+            xb = xb if mine is None else xb[mine]
+        else:
+            xb = x[idx]
         yield Batch(xb, idx, x.shape[0], {k: v[idx] for k, v in inputs.items()}, split)
 
 

@@ -209,6 +209,8 @@ class LatentSnapshots(Callback):
 
     def on_fit_start(self, state: FitState) -> None:
         self.epochs = state.config.epochs
+        if not state.world.is_main or (state.shard is not None and state.shard.by_row):
+            return  # rank 0 records; a rank holds only its own rows of a mean-field guide
         self.data, self.split = shown(state.guide.fn, state.data, self.split)
         with torch.random.fork_rng(devices=_cuda_devices(self.data)):  # tracing the programs draws
             codec = codec_for(state.model, state.guide, self.data, self.split)

@@ -31,6 +31,17 @@ class PerDatapoint(Protocol):
 
 
 @runtime_checkable
+class ShardedRows(Protocol):
+    """A per-datapoint guide that a data-parallel fit can spread over its ranks: ``hold_rows(shard)``
+    keeps the rows of the datapoints one rank owns (see :class:`~pvae.distributed.Shard`);
+    ``row_tables()`` are the tensors whose rows are datapoints, which checkpoints gather whole."""
+
+    def hold_rows(self, shard) -> None: ...
+
+    def row_tables(self) -> list: ...
+
+
+@runtime_checkable
 class Refining(Protocol):
     """A guide that refines an encoder's q (semi-amortized): the study measures its ``encoder``."""
 

@@ -11,6 +11,12 @@ is an ``nn.Module``, or a bound method of one), the whole Pyro param store (``py
 ``pyro.module`` registrations, unconstrained, with their constraints' names), the optimizers' states,
 every random generator's state, the history and the config. It is written atomically and read with
 ``torch.load(weights_only=True)``: nothing in it is unpickled.
+
+In a data-parallel fit rank 0 alone writes the folder. Its checkpoint is the one a single process would
+write: per-datapoint tables and their optimizer moments are gathered whole from the ranks that hold
+their rows, so that a run saved with N ranks resumes with M; it adds each rank's random state, which a
+rank resuming with the same number restores. Every rank reads the checkpoint to resume (the run folder
+must be on a filesystem every node sees).
 """
 
 import json
@@ -23,6 +29,7 @@ import torch
 
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .data import Dataset
+from .distributed import RowTables
 from .errors import ConfigError, Interrupted, add_note, message
 from .metrics import CSV, JSONL, MetricsWriter, read_metrics
 from .programs import Batch, Program, ProgramInfo, inspect_programs
@@ -49,24 +56,33 @@ def run_config_for(data: Dataset, factory=None) -> Optional[dict]:
 # ----------------------------------------------------------------------------- the checkpoint schema
 
 
-def program_state(model: Program, guide: Program) -> dict:
-    """Every trainable tensor of the programs, as plain tensors and strings."""
+def program_state(model: Program, guide: Program, tables: Optional[RowTables] = None) -> dict:
+    """Every trainable tensor of the programs, as plain tensors and strings; per-datapoint ``tables``
+    spread over ranks are gathered whole on rank 0 (every rank calls it then)."""
+    whole = (lambda t: t.detach()) if tables is None else (lambda t: (tables.gather(t) if t in tables else t).detach())
     store = pyro.get_param_store().get_state()
     return {
-        "modules": {role: [m.state_dict() for m in program_modules(p)] for role, p in (("model", model), ("guide", guide))},
-        "param_store": {name: value.detach() for name, value in store["params"].items()},
+        "modules": {role: [{k: whole(v) for k, v in m.state_dict(keep_vars=True).items()} for m in program_modules(p)]
+                    for role, p in (("model", model), ("guide", guide))},
+        "param_store": {name: whole(value) for name, value in store["params"].items()},
         "constraints": {name: str(c) for name, c in store["constraints"].items()},
     }
 
 
-def restore_programs(model: Program, guide: Program, saved: dict, where: str = "the checkpoint") -> None:
+def restore_programs(model: Program, guide: Program, saved: dict, where: str = "the checkpoint",
+                     tables: Optional[RowTables] = None) -> None:
     """Load what :func:`program_state` saved into programs that have run once (so that lazily built
-    guides and every ``pyro.param`` exist); tensors are copied in place, keeping optimizers' references."""
+    guides and every ``pyro.param`` exist); tensors are copied in place, keeping optimizers' references.
+    With ``tables``, each per-datapoint table takes this rank's rows of the saved whole one."""
+    mine = (lambda now, value: value) if tables is None else (
+        lambda now, value: tables.take(value) if now in tables else value)
     for role, program in (("model", model), ("guide", guide)):
         modules, states = program_modules(program), saved["modules"][role]
         if len(modules) != len(states):
             raise ValueError(f"{where} holds {len(states)} {role} module(s), but this {role} has {len(modules)}")
         for module, state in zip(modules, states):
+            now = module.state_dict(keep_vars=True)
+            state = {k: mine(now[k], v) if k in now else v for k, v in state.items()}
             try:
                 module.load_state_dict(state)
             except RuntimeError as e:
@@ -80,6 +96,7 @@ def restore_programs(model: Program, guide: Program, saved: dict, where: str = "
         raise ValueError(f"{where} holds pyro.param(s) {', '.join(missing)} that these programs do not declare")
     with torch.no_grad():
         for name, value in saved["param_store"].items():
+            value = mine(params[name], value)
             if params[name].shape != value.shape:
                 raise ValueError(f"pyro.param {name!r} has shape {tuple(params[name].shape)} here but "
                                  f"{tuple(value.shape)} in {where}")
@@ -95,6 +112,8 @@ class RunFolder(Callback):
     stopped before its first checkpoint (it has its ``config.json``) resumes from its first step. A
     checkpoint is written only from finite tensors, so a diverged fit keeps the last good one. The
     temporary files of writes that a killed run left are removed when the next fit starts.
+    In a data-parallel fit it runs on every rank, since checkpoints gather the per-datapoint tables,
+    and rank 0 writes.
     """
 
     def __init__(self, path, resume: bool = False, run_config: Optional[dict] = None):
@@ -105,24 +124,29 @@ class RunFolder(Callback):
         self.writer = None
         self.saved = None  # (epochs done, step) of the checkpoint on disk, once the fit has started
         self.in_epoch = None  # steps into the next epoch of that checkpoint, when it stopped inside one
+        self.started = False  # on_fit_start ran to its end
 
     def on_fit_start(self, state: FitState) -> None:
-        if self.path.is_dir():
+        main = state.world.is_main
+        if main and self.path.is_dir():
             remove_temporaries(self.path, (CHECKPOINT, CONFIG_JSON, JSONL, CSV))
         if self.resume and not self.checkpoint.is_file() and not (self.path / CONFIG_JSON).is_file():
             raise FileNotFoundError(f"cannot resume: no {CHECKPOINT} in {self.path}: is it the run folder?")
         if self.resume and self.checkpoint.is_file():  # else it stopped before its first checkpoint: from step 0
             self._restore(state, load_checkpoint(self.checkpoint, map_location="cpu"))
             if state.config.epochs <= state.epoch:
-                if len(_metrics_or_none(self.path)) < len(state.history):  # killed after its last checkpoint
+                if main and len(_metrics_or_none(self.path)) < len(state.history):  # killed after its last checkpoint
                     MetricsWriter(self.path, tensorboard=False).write(state.history)
                 raise ConfigError("epochs", f"is {state.config.epochs}, but the run in {self.path} has done "
                                   f"{state.epoch} epochs: to train on, ask for more")
             self.saved = (state.epoch, state.steps)
-        elif self.checkpoint.exists():
+        elif main and self.checkpoint.exists():
             raise FileExistsError(
                 f"{self.path} already holds a run; resume it, or choose another folder (nothing was overwritten)"
             )
+        self.started = True
+        if not main:
+            return
         self.path.mkdir(parents=True, exist_ok=True)
         write_json(self.path / CONFIG_JSON, {"format": FORMAT, "fit": asdict(state.config), "run": self.run_config})
         self.writer = MetricsWriter(self.path)
@@ -133,11 +157,14 @@ class RunFolder(Callback):
         every = state.config.checkpoint_every
         if record["epoch"] == state.config.epochs or (every and record["epoch"] % every == 0):
             self._save(state)  # before the metrics: they never show an epoch that a first checkpoint lacks
-        self.writer.write(state.history)
+        if self.writer is not None:
+            self.writer.write(state.history)
 
     def on_fit_error(self, state: FitState, error: BaseException) -> None:
-        if self.writer is None:  # stopped before it started: nothing of this fit to save or tell
+        if not self.started:  # stopped before it started: nothing of this fit to save or tell
             return
+        # every rank of a data-parallel fit is interrupted at the same step (World.stop_signal): the
+        # save, a collective, runs on all of them
         if isinstance(error, Interrupted) and error.resumable and self.saved != (state.epoch, state.steps):
             try:
                 self._save(state)
@@ -158,30 +185,39 @@ class RunFolder(Callback):
             f"step {steps}, {self.in_epoch} steps into epoch {epoch + 1}"
 
     def _save(self, state: FitState) -> None:
-        progress = state.progress
-        save_checkpoint(self.checkpoint, {
+        progress, world = state.progress, state.world
+        checkpoint = {  # gathering the tables and random states is a collective: every rank takes part
             "format": FORMAT,
             "epoch": state.epoch,
             "step": state.steps,
             "seconds": state.seconds,
             "history": state.history,
             "config": {"fit": asdict(state.config), "run": self.run_config},
-            "programs": program_state(state.model, state.guide),
-            "optimizers": state.step.state_dict(),
+            "programs": program_state(state.model, state.guide, state.tables),
+            "optimizers": state.step.state_dict(state.tables),
             "rng": rng_state(),
             "generator": state.generator.get_state(),
+            "world_size": world.size,
             # inside an epoch: where it stopped, from which the same epoch goes on
             **({"progress": {"batches": progress.batches, "generator": progress.generator,
                              "losses": progress.losses.cpu(), "seconds": progress.seconds}} if progress else {}),
-        })
+        }
+        if world.distributed:
+            checkpoint["rngs"] = world.gather_objects(rng_state())
+        if world.is_main:
+            save_checkpoint(self.checkpoint, checkpoint)
         self.saved, self.in_epoch = (state.epoch, state.steps), progress.batches if progress else None
 
     def _restore(self, state: FitState, saved: dict) -> None:
         _check_format(saved, self.checkpoint)
         _check_same_config(FitConfig.from_dict(saved["config"]["fit"], str(self.checkpoint)), state.config)
-        restore_programs(state.model, state.guide, saved["programs"], str(self.checkpoint))
-        state.step.load_state_dict(saved["optimizers"])
-        set_rng_state(saved["rng"])
+        restore_programs(state.model, state.guide, saved["programs"], str(self.checkpoint), state.tables)
+        state.step.load_state_dict(saved["optimizers"], state.tables)
+        rank, rngs = state.world.rank, saved.get("rngs", [saved["rng"]])
+        if rank < len(rngs):  # each rank's own stream where the run had this rank, else a new one
+            set_rng_state(rngs[rank])
+        else:
+            state.world.seed(state.config.seed, saved["epoch"])
         state.generator.set_state(saved["generator"])
         state.history, state.epoch, state.steps, state.seconds = (
             saved["history"], saved["epoch"], saved["step"], saved["seconds"])

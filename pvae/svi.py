@@ -6,6 +6,10 @@ parameters (of a module, or of the module a bound method belongs to), everything
 registers and every ``pyro.param``. Dense parameters get ``torch.optim.Adam`` (fused: one kernel per
 step rather than a pass per operation and parameter); sparse per-datapoint tables get
 ``torch.optim.SparseAdam``, which touches only the rows of the batch.
+
+In a data-parallel fit each rank's step hands its gradients to a :class:`~pvae.distributed.GradientSync`
+between the backward pass and the optimizers: one all-reduce makes them the gradients of the ranks'
+batches together.
 """
 
 from typing import Optional, Sequence
@@ -70,14 +74,17 @@ class SVIStep:
     :param params: the tensors the optimizers hold; gradients are formed for these only.
     :param validate: Pyro's validation checks in every step; otherwise only in the first (one traced
         run checks the programs and their data; the checks cost about 8% of a small VAE's step).
+    :param sync: a :class:`~pvae.distributed.GradientSync` in a data-parallel fit: the step's gradients
+        and loss become those of every rank's batch together (a rank may then have an empty batch).
     """
 
     def __init__(self, model: Program, guide: Program, elbo, optimizers: list, params: list,
-                 kl_weight: Optional[KLWeight] = None, validate: bool = False):
+                 kl_weight: Optional[KLWeight] = None, validate: bool = False, sync=None):
         self.model, self.guide, self.elbo = model, guide, elbo
         self.optimizers, self.params = optimizers, params
         self.kl_weight = kl_weight
         self.validate = validate
+        self.sync = sync
         # a guide may train parameters that the ELBO does not reach (a semi-amortized guide's encoder)
         self.auxiliary = guide.fn if isinstance(guide.fn, AuxiliaryObjective) else None
         self._checked = False
@@ -90,11 +97,16 @@ class SVIStep:
         return self.elbo.differentiable_loss(model, guide, batch)
 
     def step(self, batch: Batch) -> torch.Tensor:
-        with pyro.validation_enabled(self.validate or (not self._checked and is_validation_enabled())):
-            loss = self.loss(batch)
-            total = loss if self.auxiliary is None else loss + self.auxiliary.auxiliary_loss(self.elbo, self.model, batch)
-        self._checked = True
-        for p, g in zip(self.params, torch.autograd.grad(total, self.params, allow_unused=True)):
+        loss = grads = None
+        if len(batch):  # only a rank of a data-parallel fit may have no rows in a step
+            with pyro.validation_enabled(self.validate or (not self._checked and is_validation_enabled())):
+                loss = self.loss(batch)
+                total = loss if self.auxiliary is None else loss + self.auxiliary.auxiliary_loss(self.elbo, self.model, batch)
+            self._checked = True
+            grads = torch.autograd.grad(total, self.params, allow_unused=True)
+        if self.sync is not None:
+            loss, grads = self.sync(len(batch), loss, grads)
+        for p, g in zip(self.params, grads):
             p.grad = g
         for opt in self.optimizers:
             opt.step()
@@ -103,11 +115,32 @@ class SVIStep:
 
     __call__ = step
 
-    def state_dict(self) -> list:
-        return [opt.state_dict() for opt in self.optimizers]
+    def state_dict(self, tables=None) -> list:
+        """The optimizers' states; with :class:`~pvae.distributed.RowTables`, the moments of per-datapoint
+        tables gathered whole on rank 0 (every rank calls it)."""
+        states = [opt.state_dict() for opt in self.optimizers]
+        for state, table, index in _table_states(self.optimizers, states, tables):
+            state["state"][index] = {k: tables.gather(v) if tables.is_rows(v, table) else v
+                                     for k, v in state["state"][index].items()}
+        return states
 
-    def load_state_dict(self, states: list) -> None:
+    def load_state_dict(self, states: list, tables=None) -> None:
+        """Restore :meth:`state_dict`; with ``tables``, each rank takes its rows of the tables' moments."""
         if len(states) != len(self.optimizers):
             raise ValueError("the checkpoint's optimizers do not match this model and guide")
+        for state, table, index in _table_states(self.optimizers, states, tables):
+            state["state"][index] = {k: tables.take(v) if torch.is_tensor(v) and v.dim() and v.shape[1:] == table.shape[1:]
+                                     else v for k, v in state["state"][index].items()}
         for opt, state in zip(self.optimizers, states):
             opt.load_state_dict(state)
+
+
+def _table_states(optimizers: list, states: list, tables) -> list:
+    """``(state dict, table, index)`` of every per-datapoint table's entry in the optimizers' states."""
+    if tables is None:
+        return []
+    found = []
+    for opt, state in zip(optimizers, states):
+        params = [p for group in opt.param_groups for p in group["params"]]
+        found += [(state, p, i) for i, p in enumerate(params) if p in tables and i in state["state"]]
+    return found

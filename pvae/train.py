@@ -5,13 +5,17 @@
 per-epoch evaluation of the train and test ELBO (:class:`EvaluateEpochs`), the run folder with its
 config, metrics and checkpoints (:class:`pvae.run.RunFolder`), latent-space snapshots, your own. The
 loop knows no file names.
+
+Called on every rank of a ``torch.distributed`` process group, :func:`fit` trains data-parallel (see
+:mod:`pvae.distributed`): each rank takes its share of every batch of R x ``batch_size`` rows, the
+steps all-reduce the gradients, and rank 0 alone writes the run folder and prints.
 """
 
 import math
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -20,10 +24,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Dataset, batches
+from .distributed import GradientSync, RowTables, Shard, World, check_backend, current_world, next_fit_key
 from .errors import ConfigError, Interrupted
 from .inference import ELBOS, STREAM_OBJECTIVES, TC_ESTIMATORS, KLWeight, batched, elbo_terms, make_elbo
 from .programs import Batch, Program, ProgramInfo, inspect_programs
-from .protocols import EpochMetrics, has_q_for
+from .protocols import EpochMetrics, PerDatapoint, ShardedRows, has_q_for
 from .svi import SVIStep, collect_params, make_optimizers, program_modules
 from .utils import dataclass_from_dict, set_seed
 
@@ -33,7 +38,7 @@ class FitConfig:
     """How to fit; saved in every run folder and checkpoint."""
 
     epochs: int = 100  # passes over the training set
-    batch_size: int = 128
+    batch_size: int = 128  # per rank: a data-parallel fit's batches have (ranks x batch_size) rows
     lr: float = 1e-3  # Adam's learning rate
     # SparseAdam's learning rate for per-datapoint parameters (a mean-field guide's tables): each row
     # takes one step per epoch, not one per batch, so it needs larger steps than the decoder's
@@ -98,10 +103,17 @@ class FitState:
     steps: int = 0
     seconds: float = 0.0  # in training steps, evaluation excluded
     progress: Optional["EpochProgress"] = None  # the epoch under way, when a fit stopped inside it
+    world: World = field(default_factory=World)  # the ranks of a data-parallel fit; one process by default
+    shard: Optional[Shard] = None  # this rank's part of every batch; None: all of it
+    tables: Optional[RowTables] = None  # per-datapoint tables spread over the ranks, gathered by checkpoints
 
     @property
     def num_data(self) -> int:
         return self.data.train.shape[0]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.num_data / (self.config.batch_size * self.world.size))
 
 
 @dataclass
@@ -132,13 +144,14 @@ class Callback:
 
 
 class _EpochFunction(Callback):
-    """A plain function ``callback(record, model, guide)`` after every epoch."""
+    """A plain function ``callback(record, model, guide)`` after every epoch (on rank 0 only)."""
 
     def __init__(self, fn: Callable):
         self.fn = fn
 
     def on_epoch_end(self, state, record):
-        self.fn(record, state.model.fn, state.guide.fn)
+        if state.world.is_main:
+            self.fn(record, state.model.fn, state.guide.fn)
 
 
 @dataclass
@@ -184,8 +197,8 @@ def fit(
     :param resume: continue the run in ``out_dir`` from its checkpoint; it gives the same metrics as
         an uninterrupted run. ``config.epochs`` may be raised to train longer.
     :param device: where to train; by default the data's device. Data and parameters are moved there.
-    :param callbacks: :class:`Callback` s, or functions ``callback(record, model, guide)`` called after
-        every epoch.
+    :param callbacks: :class:`Callback` s (on every rank of a data-parallel fit; ``state.world`` says
+        which), or functions ``callback(record, model, guide)`` called after every epoch (on rank 0).
     :param run_config: saved in the run folder's config beside the fit config (the command line saves
         its data and architecture choices here, from which ``pvae evaluate RUN`` rebuilds the run).
     :param factory: how to rebuild the programs, saved with the run so that ``pvae evaluate RUN`` and
@@ -194,36 +207,56 @@ def fit(
 
     Seeds every random generator from ``config.seed`` and clears Pyro's param store first; guides that
     build their parameters at the first call (:mod:`pvae.guides`) build them then, from that seed.
+
+    Inside a ``torch.distributed`` process group of R ranks, call it on every rank with the same
+    arguments (``device``: this rank's, e.g. ``cuda:LOCAL_RANK`` with NCCL): the fit is data-parallel
+    (see :mod:`pvae.distributed`), its steps those of one process with batches of R x ``batch_size``
+    rows; every rank starts from rank 0's weights and returns the same fitted programs (a mean-field
+    guide holds its rank's rows), and rank 0 alone writes ``out_dir``.
     """
     from .run import RunFolder, run_config_for
 
     config = config or FitConfig()
-    data = as_dataset(data)
-    device = torch.device(device) if device is not None else data.train.device
-    _check_data_fits_likelihood(model, data)
+    world = current_world()
+    key = next_fit_key()
+    with world.together():  # no collective inside: a failure on any rank stops every rank here
+        data = as_dataset(data)
+        device = torch.device(device) if device is not None else data.train.device
+        if world.distributed:
+            check_backend(device)
+        _check_data_fits_likelihood(model, data)
 
-    set_seed(config.seed)
-    data = data.to(device)
-    model, guide = Program(model, "model"), Program(guide, "guide")
-    for program in (model, guide):
-        for module in program_modules(program):
-            module.to(device)
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    probe = data.batch("train", torch.arange(min(config.batch_size, data.train.shape[0]), device=device))
-    if data.binarize == "dynamic":
-        probe = Batch(torch.bernoulli(probe.x, generator=torch.Generator(device=device).manual_seed(config.seed + 1)),
-                      probe.idx, probe.num_data, probe.inputs, probe.split)
-    # one run builds lazily set-up guides and checks the programs; it is the first step's validation too
-    info = inspect_programs(model, guide, probe)
-    params = collect_params(model, guide, probe)
-    modules = [m for p in (model, guide) for m in program_modules(p)]
-    weighted = config.beta != 1.0 or config.kl_warmup_epochs > 0
-    step = SVIStep(
-        model, guide, make_elbo(config.elbo, config.num_particles, info, config.tc_beta, config.tc_estimator),
-        make_optimizers(params, modules, config.lr, config.local_lr), params,
-        kl_weight=KLWeight(config.beta) if weighted else None, validate=config.validate,
-    )
-    state = FitState(model, guide, step, data, config, info, generator)
+        set_seed(config.seed)
+        data = data.to(device)
+        model, guide = Program(model, "model"), Program(guide, "guide")
+        for program in (model, guide):
+            for module in program_modules(program):
+                module.to(device)
+        shard = world.shard(by_row=isinstance(guide.fn, PerDatapoint))
+        if shard is not None and shard.by_row:
+            if not isinstance(guide.fn, ShardedRows):
+                raise ValueError(f"the guide {type(guide.fn).__name__} has per-datapoint parameters but cannot hold one "
+                                 "rank's rows of them (pvae.protocols.ShardedRows): fit it in one process")
+            guide.fn.hold_rows(shard)
+        generator = torch.Generator(device=device).manual_seed(config.seed)
+        probe = _probe(data, config, shard, device)
+        # one run builds lazily set-up guides and checks the programs; it is the first step's validation too
+        info = inspect_programs(model, guide, probe)
+        params = collect_params(model, guide, probe)
+        modules = [m for p in (model, guide) for m in program_modules(p)]
+        tables = RowTables(guide.fn.row_tables(), data.train.shape[0], shard) if shard is not None and shard.by_row else None
+        weighted = config.beta != 1.0 or config.kl_warmup_epochs > 0
+        step = SVIStep(
+            model, guide, make_elbo(config.elbo, config.num_particles, info, config.tc_beta, config.tc_estimator),
+            make_optimizers(params, modules, config.lr, config.local_lr), params,
+            kl_weight=KLWeight(config.beta) if weighted else None, validate=config.validate,
+            sync=GradientSync(params, [] if tables is None else guide.fn.row_tables()) if world.distributed else None,
+        )
+    if world.distributed:  # every rank starts from rank 0's weights, then draws noise of its own
+        world.broadcast([p for p in params if p not in tables] if tables is not None else params)
+        world.broadcast([b for m in modules for b in m.buffers()])
+        world.seed(config.seed)
+    state = FitState(model, guide, step, data, config, info, generator, world=world, shard=shard, tables=tables)
 
     hooks = [EvaluateEpochs(config)] if config.eval_every else []
     hooks += [c if isinstance(c, Callback) else _EpochFunction(c) for c in callbacks]
@@ -232,13 +265,17 @@ def fit(
     elif resume:
         raise ValueError("resume needs out_dir, the run folder to continue")
     try:
-        for hook in hooks:
-            hook.on_fit_start(state)
+        with world.together():
+            for hook in hooks:
+                hook.on_fit_start(state)
         with StopRequests() as stop:
             _loop(state, hooks, stop)
     except BaseException as error:
         for hook in hooks:
             hook.on_fit_error(state, error)
+        stopped = world.failed(error, key) if isinstance(error, Exception) else None
+        if stopped is not None:  # the ranks are out of step: name the one that stopped the others
+            raise stopped from error
         raise
     finally:
         for hook in hooks:
@@ -249,6 +286,16 @@ def fit(
                      state.seconds, state.steps, info)
 
 
+def _probe(data: Dataset, config: FitConfig, shard: Optional[Shard], device) -> Batch:
+    """The first batch's worth of this rank's training rows: what lazily built guides are set up from."""
+    rows = torch.arange(data.train.shape[0], device=device) if shard is None else shard.rows(data.train.shape[0], device)
+    probe = data.batch("train", rows[: config.batch_size])
+    if data.binarize == "dynamic":
+        probe = Batch(torch.bernoulli(probe.x, generator=torch.Generator(device=device).manual_seed(config.seed + 1)),
+                      probe.idx, probe.num_data, probe.inputs, probe.split)
+    return probe
+
+
 # a loss per datapoint beyond this many nats per observed value, either sign, is no model's: the fit
 # diverged (a Bernoulli pixel costs that much only at logits of 1e4; float32 densities stay far below)
 MAX_NATS_PER_VALUE = 1e4
@@ -257,8 +304,9 @@ MAX_NATS_PER_VALUE = 1e4
 def _loop(state: FitState, hooks: list, stop: "StopRequests") -> None:
     config, step = state.config, state.step
     device = state.data.train.device
-    steps_per_epoch = math.ceil(state.num_data / config.batch_size)
+    steps_per_epoch = state.steps_per_epoch
     warmup_steps = config.kl_warmup_epochs * steps_per_epoch
+    progress = config.progress and state.world.is_main
     modules = [m for p in (state.model, state.guide) for m in program_modules(p)]
     for epoch in range(state.epoch + 1, config.epochs + 1):
         for module in modules:
@@ -273,16 +321,17 @@ def _loop(state: FitState, hooks: list, stop: "StopRequests") -> None:
             state.progress = None
         epoch_generator = state.generator.get_state()
         start = time.perf_counter()
-        bar = tqdm(batches(state.data, config.batch_size, state.generator), total=steps_per_epoch,
-                   desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress, leave=False)
+        bar = tqdm(batches(state.data, config.batch_size, state.generator, shard=state.shard), total=steps_per_epoch,
+                   desc=f"epoch {epoch}/{config.epochs}", disable=not progress, leave=False)
         for i, batch in enumerate(bar):
             if i < done:  # drawn, as their random draws must be, and done already
                 continue
-            if stop.signum is not None:  # between steps, where the state is whole
+            signum = state.world.stop_signal(stop.signum, state.steps)  # the ranks stop at the same step
+            if signum is not None:  # between steps, where the state is whole
                 if i > done:
                     state.progress = EpochProgress(i, epoch_generator, losses[:i].clone(),
                                                    seconds + time.perf_counter() - start)
-                raise Interrupted(stop.signum, f"in epoch {epoch} after {i} of its {steps_per_epoch} steps "
+                raise Interrupted(signum, f"in epoch {epoch} after {i} of its {steps_per_epoch} steps "
                                   f"(step {state.steps})", resumable=True)
             if warmup_steps:
                 step.kl_weight.weight = config.beta * min(1.0, (state.steps + 1) / warmup_steps)
@@ -310,7 +359,7 @@ def _loop(state: FitState, hooks: list, stop: "StopRequests") -> None:
         state.history.append(record)  # hooks add to the record in place
         for hook in hooks:
             hook.on_epoch_end(state, record)
-        if config.progress:
+        if progress:
             tqdm.write(_summary(record))
     if stop.signum is not None:  # asked to stop during the last epoch's evaluation or checkpoint
         raise Interrupted(stop.signum, f"after the last epoch, {state.epoch}", resumable=True, complete=True)
@@ -388,7 +437,9 @@ class EvaluateEpochs(Callback):
     share, ``global_kl / N``, so that it is the negated training objective at KL weight 1). A guide with
     no q for held-out data (mean-field) gets the train terms only. An objective that measures more
     (:class:`~pvae.protocols.EpochMetrics`: the beta-TCVAE's mutual information, total correlation and
-    dimension-wise KL) adds its figures on the training rows as ``train_<name>``."""
+    dimension-wise KL) adds its figures on the training rows as ``train_<name>``. In a data-parallel fit
+    each rank evaluates its share of the rows (:meth:`~pvae.distributed.Shard.rows`) and the terms are
+    gathered."""
 
     def __init__(self, config: FitConfig):
         self.config = config
@@ -403,6 +454,10 @@ class EvaluateEpochs(Callback):
         self.splits = {"train": batch}
         if state.data.test.shape[0] and has_q_for(state.guide.fn, "test"):
             self.splits["test"] = state.data.batch("test")
+        if state.shard is not None:  # this rank's rows; the test split has no per-datapoint tables to follow
+            self.splits = {split: b.rows(state.shard.rows(len(b), device) if split == "train" else
+                                         replace(state.shard, by_row=False).rows(len(b), device))
+                           for split, b in self.splits.items()}
 
     def on_epoch_end(self, state, record):
         epoch, every = record["epoch"], self.config.eval_every
@@ -410,7 +465,8 @@ class EvaluateEpochs(Callback):
             return
         for split, batch in self.splits.items():
             terms = batched(lambda b: elbo_terms(state.model, state.guide, b, info=state.info), batch,
-                            self.config.eval_batch_size)
+                            self.config.eval_batch_size) if len(batch) else {}
+            terms = state.world.gather_rows(terms)
             global_kl = terms.pop("global_kl")
             for key, value in terms.items():
                 record[f"{split}_{key}"] = value.mean().item()
@@ -419,7 +475,7 @@ class EvaluateEpochs(Callback):
                 if split == "train":
                     record["train_elbo"] -= global_kl.item() / state.num_data
         objective = state.step.elbo
-        if isinstance(objective, EpochMetrics):
+        if isinstance(objective, EpochMetrics):  # in a data-parallel fit, on each rank's own rows
             for key, value in objective.epoch_metrics(state.model, state.guide, self.splits["train"]).items():
                 record[f"train_{key}"] = value
 
