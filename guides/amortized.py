@@ -35,12 +35,18 @@ class AmortizedGuide(SiteGuide):
     :param classes: ``{name: K}`` for integer side inputs, one-hot encoded over K classes.
     :param in_features: the encoder's input size, to build it now rather than at the first call
         (with ``sites``).
+    :param static_structure: the body runs the same operations on every batch of a shape, so that
+        ``fit`` may record the objective once (:mod:`pvae.tape`); by default true for pvae's own
+        bodies (the MLP, :class:`~pvae.models.networks.ConvEncoder`) and false for a body of yours.
     """
 
     def __init__(self, model=None, *, sites=None, body: Optional[nn.Module] = None, hidden: Sequence[int] = (400,),
                  activation: str = "relu", inputs: Optional[Sequence[str]] = None, classes: Optional[dict] = None,
-                 in_features: Optional[int] = None):
+                 in_features: Optional[int] = None, static_structure: Optional[bool] = None):
         super().__init__(model, sites)
+        if static_structure is None:
+            static_structure = body is None or isinstance(body, ConvEncoder)
+        self.static_structure = static_structure
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}")
         if any(h < 1 for h in hidden):

@@ -46,6 +46,8 @@ class MeanFieldGuide(SiteGuide):
         ``idx`` would look up the wrong datapoints.
     """
 
+    static_structure = True  # a table look-up: the same operations on every batch (pvae.protocols.StaticProgram)
+
     def __init__(self, model=None, num_data: Optional[int] = None, *, sites=None, init_scale: float = 0.1,
                  sparse: bool = True, split: str = "train"):
         super().__init__(model, sites)

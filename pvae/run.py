@@ -152,7 +152,8 @@ def _check_format(saved: dict, path) -> None:
 
 def _check_same_config(saved: dict, config: FitConfig) -> None:
     now = asdict(config)
-    differ = [k for k in now if k not in ("epochs", "progress", "validate") and saved.get(k) != now[k]]
+    # settings of speed and output only: a resumed run gives the same numbers whatever they are
+    differ = [k for k in now if k not in ("epochs", "progress", "validate", "tape") and saved.get(k) != now[k]]
     if differ:
         pairs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in differ)
         raise ValueError(f"cannot resume with a different fit config ({pairs}); only epochs may change")

@@ -17,11 +17,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Dataset, batches
-from .inference import ELBOS, KLWeight, batched, elbo_terms, make_elbo
+from .inference import ELBOS, KLWeight, ReparamELBO, batched, elbo_terms, make_elbo
 from .programs import Batch, Program, ProgramInfo, inspect_programs
-from .protocols import has_q_for
+from .protocols import AuxiliaryObjective, has_q_for, is_static
 from .svi import SVIStep, collect_params, make_optimizers, program_modules
 from .utils import set_seed
+
+
+TAPES = ("auto", "always", "never")
 
 
 @dataclass
@@ -47,6 +50,9 @@ class FitConfig:
     # Pyro's validation (argument, support, shape and NaN checks) in every training step too; off, only
     # the first step is checked (when validation is on, Pyro's default)
     validate: bool = False
+    # record the objective once per batch shape and replay it (pvae.tape): "auto" for programs that declare
+    # the same operations on every batch (pvae's own models and guides), "always" (yours, on your word), "never"
+    tape: str = "auto"
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "num_particles", "eval_batch_size"):
@@ -62,6 +68,8 @@ class FitConfig:
             raise ValueError(f"beta must be >= 0 and finite, got {self.beta}")
         if self.elbo not in ELBOS:
             raise ValueError(f"unknown ELBO {self.elbo!r}: choose one of {', '.join(ELBOS)}")
+        if self.tape not in TAPES:
+            raise ValueError(f"unknown tape {self.tape!r}: choose one of {', '.join(TAPES)}")
 
 
 @dataclass
@@ -183,10 +191,11 @@ def fit(
     params = collect_params(model, guide, probe)
     modules = [m for p in (model, guide) for m in program_modules(p)]
     weighted = config.beta != 1.0 or config.kl_warmup_epochs > 0
+    elbo = make_elbo(config.elbo, config.num_particles, info)
     step = SVIStep(
-        model, guide, make_elbo(config.elbo, config.num_particles, info),
-        make_optimizers(params, modules, config.lr, config.local_lr), params,
+        model, guide, elbo, make_optimizers(params, modules, config.lr, config.local_lr), params,
         kl_weight=KLWeight(config.beta) if weighted else None, validate=config.validate,
+        tape=_use_tape(config, model, guide, elbo),
     )
     state = FitState(model, guide, step, data, config, info, generator)
 
@@ -309,6 +318,17 @@ def as_dataset(data) -> Dataset:
         if x.is_floating_point() and not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
             raise ValueError(f"the {split} split of {data.name!r} holds NaN or infinite values")
     return data
+
+
+def _use_tape(config: FitConfig, model: Program, guide: Program, elbo) -> bool:
+    """Whether the step records its objective and replays it: reparameterized guides (ReparamELBO), no
+    validation in every step, no auxiliary objective (whose gradients are taken inside the guide), and
+    programs that declare the same operations on every batch, or ``tape="always"``."""
+    if config.tape == "never" or config.validate or not isinstance(elbo, ReparamELBO):
+        return False
+    if isinstance(guide.fn, AuxiliaryObjective):
+        return False
+    return config.tape == "always" or (is_static(model) and is_static(guide))
 
 
 def _check_data_fits_likelihood(model, data: Dataset) -> None:
