@@ -78,7 +78,7 @@ class CompareConfig:
     elbo_particles: int = 1000  # samples per datapoint of each ELBO estimate of L[q] and L[q_K]
     # samples per datapoint of log p(x)'s importance-weighted estimate under q*, and of L[q*] on the same draws
     iwae_samples: int = 5000
-    chunk_size: int = 500  # particles evaluated at once, which bounds memory
+    chunk_size: int = 100  # particles evaluated at once, which bounds memory (smaller chunks stay in cache)
     seed: int = 0
 
     def __post_init__(self):

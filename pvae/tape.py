@@ -15,7 +15,8 @@ that changes from step to step. pvae's own models and guides declare this; a pro
 recorded only when you say so (``FitConfig(tape="always")``). A recording that meets what replaying
 would get wrong falls back to the plain objective: a tensor value read into Python
 (``.item()``, ``bool(t)``, ``.tolist()``), a computed tensor that did not come from a recorded
-operation (an autograd call inside the program), an operation that fails when replayed.
+operation (one kept from an earlier step), a first replay whose value differs from a plain run's,
+an operation that fails when replayed.
 
 A tape is keyed by the batch's shapes, dtypes and devices, its size in the data set and its split,
 and the KL weight: a new key is recorded the second time it is seen in a row (so that a weight that
@@ -111,7 +112,7 @@ class _Recorder(TorchFunctionMode):
                 return
             elif value.grad_fn is not None:
                 self.problem = (f"{name} takes a tensor computed by an operation that was not recorded "
-                                "(an autograd call inside the program?)")
+                                "(a tensor kept from an earlier step?)")
                 return
         if name in _METADATA:
             return  # a function of shapes: the key fixes them
