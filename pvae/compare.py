@@ -295,22 +295,32 @@ def compare_inference(
     values = {key: [] for key in ("log_px", "elbo_q_star", "elbo_q", *(f"q_{k}" for k in config.refine_steps))}
     steps = []
     clock = _StageClock(batch.x.device)
+    starts, refined = None, {}
+    if readable:
+        # the encoder's q and its refinements for every datapoint at once: each step is one pass over them all
+        with torch.no_grad():
+            starts = encoder.local_params(batch)
+        with clock("L[q_K]"):
+            params, done = starts, 0
+            for k in config.refine_steps:  # gradient steps are memoryless: go on from the last K
+                params = refine(model, batch, params, encoder.family, k - done, config.refine_lr)
+                refined[k], done = params, k
+    infos = {}  # one look at each pair's structure serves every batch
     noise = torch.Generator(device=batch.x.device).manual_seed(config.seed)  # q*'s fixed draws
-    for sub in tqdm(batch.split_rows(config.batch_size), desc="q*", disable=not progress, leave=False):
+    for rows in tqdm(_row_blocks(len(batch), config.batch_size, batch.x.device), desc="q*", disable=not progress,
+                     leave=False):
+        sub = batch.rows(rows)
         unscaled = Batch.of(sub.x, inputs=sub.inputs, split=sub.split)
         start = None
         if encoder is not None:
             with clock("L[q]"):
-                values["elbo_q"].append(_elbo(model, encoder_program, unscaled, config))
+                values["elbo_q"].append(_elbo(model, encoder_program, unscaled, config, infos, "q"))
         if readable:
-            with torch.no_grad():
-                start = encoder.local_params(sub)
-            params, done = start, 0
-            for k in config.refine_steps:  # gradient steps are memoryless: go on from the last K
+            start = _params_rows(starts, rows)
+            for k in config.refine_steps:
                 with clock("L[q_K]"):
-                    params = refine(model, sub, params, encoder.family, k - done, config.refine_lr)
-                    done = k
-                    values[f"q_{k}"].append(_elbo(model, ParamsGuide(encoder.family, params), unscaled, config))
+                    guide_k = ParamsGuide(encoder.family, _params_rows(refined[k], rows))
+                    values[f"q_{k}"].append(_elbo(model, guide_k, unscaled, config, infos, "q_K"))
         with clock("q*"):
             q_star, n = optimize_local(model, sub, family, start if init == "encoder" else None, config.particles,
                                        config.max_steps, config.tol, noise)
@@ -318,7 +328,8 @@ def compare_inference(
         with clock("L[q*], log p(x)"):
             # fresh draws: the bound at q*, not the optimized objective (biased upwards by the optimization)
             proposal = Program(ParamsGuide(family, q_star), "guide")
-            elbo, log_px = elbo_and_iwae_bound(model, proposal, unscaled, config.iwae_samples, config.chunk_size)
+            elbo, log_px = elbo_and_iwae_bound(model, proposal, unscaled, config.iwae_samples, config.chunk_size,
+                                               _info(model, proposal, unscaled, infos, "q*"))
             values["elbo_q_star"].append(elbo)
             values["log_px"].append(log_px)
     v = {key: torch.cat(parts) for key, parts in values.items() if parts}
@@ -362,5 +373,22 @@ class _StageClock:
             torch.cuda.synchronize(self.device)
 
 
-def _elbo(model, guide, batch, config) -> torch.Tensor:
-    return elbo_terms(model, guide, batch, config.elbo_particles, config.chunk_size)["elbo"]
+def _elbo(model, guide, batch, config, infos: dict, key: str) -> torch.Tensor:
+    """L of ``guide`` per datapoint of ``batch``, with the structure of the pair looked at once (``infos``)."""
+    return elbo_terms(model, guide, batch, config.elbo_particles, config.chunk_size,
+                      _info(model, guide, batch, infos, key))["elbo"]
+
+
+def _info(model, guide, batch, infos: dict, key: str):
+    if key not in infos:
+        infos[key] = inspect_programs(model, guide, batch, check=False)
+    return infos[key]
+
+
+def _row_blocks(n: int, size: int, device) -> list:
+    return list(torch.arange(n, device=device).split(size))
+
+
+def _params_rows(params: dict, rows: torch.Tensor) -> dict:
+    """The rows ``rows`` of local parameters ``{site: {name: (B, n)}}``."""
+    return {site: {k: v[rows] for k, v in p.items()} for site, p in params.items()}

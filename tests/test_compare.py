@@ -114,25 +114,33 @@ def test_common_noise_matches_the_standard_normal_moments_exactly():
 @pytest.mark.parametrize("make_W, gap_is_zero", [(orthogonal_W, True), (correlated_W, False)], ids=["orthogonal", "correlated"])
 def test_gaps_match_the_closed_form_on_the_linear_gaussian_model(make_W, gap_is_zero):
     """Tolerances: 4 standard errors over datapoints (a chance failure about once in 16,000 runs per
-    check) plus the optimization slack above."""
+    check) plus the optimization slack above; and, below log p(x), the importance-weighted bound's own
+    bias. With orthogonal columns q* is the posterior and the weights are constant: no bias. With
+    correlated ones q*'s variances, 1 / Lambda_dd, are 2.5 to 4 times below the posterior's marginal
+    variances, the weights have no finite variance, and at K = 2000 log p̂(x) falls 0.03 to 0.12 nats
+    below log p(x) (6 repeats with the exact q*, measured): the measured approximation gap is short by
+    as much, and only L[q*], which needs no importance sampling, is held to the closed form tightly."""
     model, x = linear_gaussian(make_W(), 30)
     encoder = linear_encoder(model, perturbation=0.05)
     expected_approximation = closed_form_approximation_gap(model)
     kl_encoder = closed_form_kl_to_posterior(model, encoder, x)
     result = compare_inference(model, x, encoder, CompareConfig(init="prior", **FAST))
+    iwae_bias = 0.0 if gap_is_zero else 0.2
 
     if gap_is_zero:
         assert_close(expected_approximation, 0.0, atol=1e-5, msg="orthogonal columns: Lambda is diagonal")
     else:
         assert expected_approximation > 0.05, "the correlated case should have a gap worth measuring"
     gap = result.approximation_gap
-    assert_close(gap.mean, expected_approximation, atol=4 * gap.se + OPTIMIZATION_SLACK, msg="approximation gap")
+    tolerance = 4 * gap.se + OPTIMIZATION_SLACK
+    assert expected_approximation - tolerance - iwae_bias <= gap.mean <= expected_approximation + tolerance, (
+        f"approximation gap {gap} against {expected_approximation:.3f}")
     # L[q*] against the exact evidence, which needs no importance sampling
     exact_log_px = model.log_prob(x).mean()
     # the Monte Carlo noise of L[q*] and log p(x) is what the gap's standard error measures
-    assert_close(result.elbo_q_star.mean, exact_log_px - expected_approximation,
-                 atol=4 * gap.se + OPTIMIZATION_SLACK, msg="L[q*]")
-    assert_close(result.log_px.mean, exact_log_px, atol=4 * gap.se + OPTIMIZATION_SLACK, msg="log p(x)")
+    assert_close(result.elbo_q_star.mean, exact_log_px - expected_approximation, atol=tolerance, msg="L[q*]")
+    assert exact_log_px - tolerance - iwae_bias <= result.log_px.mean <= exact_log_px + tolerance, (
+        f"log p(x) {result.log_px} against {exact_log_px:.3f}")
 
     amortization = result.amortization_gap
     expected_amortization = (kl_encoder - expected_approximation).mean()
