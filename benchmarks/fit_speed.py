@@ -1,75 +1,89 @@
-"""How much does fitting through Pyro cost? ``pvae.fit`` against a hand-written PyTorch loop.
+"""How much does fitting through Pyro cost? ``pvae.fit`` against hand-written loops and Pyro's own idiom.
 
-Both train the same 784-400-20 MLP VAE (Bernoulli pixels, diagonal-Gaussian q, reparameterized)
-on statically binarized Fashion-MNIST for one epoch with batch 128 and Adam (lr 1e-3), on in-memory
-tensors in shuffled batches. The hand-written loop computes the same single-sample ELBO as pvae's
-``--elbo`` choice: ``trace`` (Trace_ELBO: Monte Carlo log p(z) - log q(z)) or ``analytic-kl``
-(TraceMeanField_ELBO: the Gaussian KL in closed form), scaled to the data set as pvae's data plate
-scales it.
+Every loop trains the same 784-400-20 MLP VAE (Bernoulli pixels, diagonal-Gaussian q,
+reparameterized) on Fashion-MNIST for one epoch with Adam (lr 1e-3), at each ``--batch-sizes``:
 
-Three loops are timed: ``pvae`` (``pvae.fit``, evaluation and checkpoints off), ``hand-written``
-(``torch.optim.Adam`` with its defaults, as one writes it) and ``hand, fused`` (the same loop with
-``Adam(fused=True)``, the optimizer ``pvae.fit`` uses). The first ratio is what a user gains or loses
-by fitting through pvae; the second is the cost of Pyro itself (tracing the model and guide, every
-step). Runs are interleaved, in reversed order every other repeat, so that drift in the machine's
-speed falls on all; the figures are medians over ``--repeats``, in wall-clock and in this process's
-CPU time (steadier on a machine that other work shares)::
+- ``pvae``: ``pvae.fit`` (evaluation and checkpoints off), which replays its recorded objective
+  (``pvae.tape``) and steps a fused Adam; ``--elbo`` as pvae's flag;
+- ``hand, fused``: the loop a careful engineer writes, in-memory shuffled batches, closed-form
+  log-densities, ``torch.optim.Adam(fused=True)``: the target, ``pvae / hand, fused <= 1.10`` at batch
+  128 and ``<= 1.03`` at batch 1024;
+- ``hand-written``: the same with ``torch.optim.Adam``'s defaults;
+- ``pyro SVI.step``: Pyro's VAE example (``vae.model``/``vae.guide`` with ``pyro.module``, ``SVI``,
+  ``pyro.optim.Adam``, ``Trace_ELBO``), fed the same in-memory batches, Pyro's validation off (its
+  fastest setting): pvae should be at least 1.4x faster;
+- ``torch DataLoader``: the PyTorch VAE example's loop, ``torchvision.datasets.FashionMNIST`` with
+  ``transforms.ToTensor()`` through a ``DataLoader`` (``shuffle=True``), default Adam, on grey levels
+  as that example trains: pvae should be at least 1.4x faster. It needs the IDX files unpacked
+  into torchvision's layout, which the script does once under ``--cache``.
 
-    python benchmarks/fit_speed.py --repeats 5
-    python benchmarks/fit_speed.py --repeats 1 --max-batches 20   # a quick smoke run
-    python benchmarks/fit_speed.py --validate    # Pyro's validation in every pvae step, as before
+The hand-written loops compute the single-sample ELBO of pvae's ``--elbo`` choice (``trace``: Monte
+Carlo log p(z) - log q(z); ``analytic-kl``: the closed-form KL), scaled to the data set as pvae's data
+plate scales it. Runs are interleaved, in reversed order every other repeat, so that drift in the
+machine's speed falls on all; the figures are medians over ``--repeats``, in wall-clock and in this
+process's CPU time (steadier on a machine that other work shares).
+
+Each batch size also prints the matrix products' share of a step: the step's matmul FLOPs (forward,
+and backward to the weights and to every input but the data) divided by its time, as a fraction of
+this machine's matmul peak, measured here by large ``torch.mm`` products on the same threads::
+
+    python benchmarks/fit_speed.py --repeats 5                  # batch 128 and 1024, all five loops
+    taskset -c 0,1 python benchmarks/fit_speed.py --threads 2   # pinned to two cores
+    python benchmarks/fit_speed.py --repeats 1 --max-batches 20 --batch-sizes 128   # a smoke run
 
 The data are the four IDX files of Fashion-MNIST in ``--data`` (Debian's ``dataset-fashion-mnist``
 puts them in /usr/share/datasets/fashion-mnist).
 """
 
 import argparse
+import gzip
 import math
+import shutil
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import pyro
+import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import pvae
-from pvae.inference import ELBOS
 from pvae.guides import mlp_guide
+from pvae.inference import ELBOS
 from pvae.models import mlp_vae
 
 DEFAULT_DATA = "/usr/share/datasets/fashion-mnist"
+DEFAULT_CACHE = Path.home() / ".cache" / "pvae" / "torchvision"
 LOG_2PI = math.log(2 * math.pi)
+LOOPS = ("pvae", "hand, fused", "hand-written", "pyro SVI.step", "torch DataLoader")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=DEFAULT_DATA, help=f"folder of Fashion-MNIST IDX files (default: {DEFAULT_DATA})")
+    p.add_argument("--cache", default=str(DEFAULT_CACHE), help="where torchvision's copy is unpacked (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs of each loop, interleaved (default: 5)")
-    p.add_argument("--epochs", type=int, default=1, help="epochs per run (default: 1)")
     p.add_argument("--max-batches", type=int, default=None, help="train on this many batches per epoch only (a smoke run)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 1024])
+    p.add_argument("--loops", nargs="+", choices=LOOPS, default=list(LOOPS))
     p.add_argument("--latent-dim", type=int, default=20)
     p.add_argument("--hidden", type=int, default=400)
     p.add_argument("--elbo", choices=list(ELBOS), default="trace",
-                   help="the ELBO both loops compute (default: trace, Monte Carlo KL)")
+                   help="the ELBO pvae and the hand-written loops compute (default: trace, Monte Carlo KL)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for both loops (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for every loop (default: torch's choice)")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run of each loop")
-    p.add_argument("--fused-baseline", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time the hand-written loop with fused Adam, the optimizer pvae.fit uses, so that "
-                        "the two ratios separate Pyro's overhead from the optimizer's speed-up (default: on)")
-    p.add_argument("--validate", action="store_true",
-                   help="pvae with Pyro's validation in every step (FitConfig.validate), as before the fix")
+    p.add_argument("--no-tape", action="store_true", help="pvae without its recorded objective (FitConfig(tape='never'))")
     args = p.parse_args(argv)
-    if args.repeats < 1 or args.epochs < 1 or (args.max_batches is not None and args.max_batches < 1):
-        p.error("--repeats, --epochs and --max-batches must be at least 1")
+    if args.repeats < 1 or (args.max_batches is not None and args.max_batches < 1) or min(args.batch_sizes) < 1:
+        p.error("--repeats, --max-batches and --batch-sizes must be at least 1")
     return args
 
 
-# ----------------------------------------------------------------------------- the hand-written loop
+# ----------------------------------------------------------------------------- hand-written
 
 
 class HandVAE(nn.Module):
@@ -97,45 +111,148 @@ class HandVAE(nn.Module):
         return (kl - log_px).sum() * (num_data / x.shape[0])
 
 
-def hand_written(x: torch.Tensor, args, seed: int, fused=None) -> float:
-    """One run of the hand-written loop; returns its loss per datapoint over the last epoch."""
+def hand_written(x: torch.Tensor, args, batch_size: int, seed: int, fused=None) -> float:
+    """One epoch of the hand-written loop; returns its loss per datapoint."""
     torch.manual_seed(seed)
     net = HandVAE(x.shape[1], args.hidden, args.latent_dim).to(x.device)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3, fused=fused)
     generator = torch.Generator(device=x.device).manual_seed(seed)
     num_data = x.shape[0]
     analytic = args.elbo == "analytic-kl"
-    for _ in range(args.epochs):
-        loss_sum = torch.zeros((), device=x.device)
-        for idx in torch.randperm(num_data, generator=generator, device=x.device).split(args.batch_size):
-            loss = net.loss(x[idx], num_data, analytic)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-    steps = math.ceil(num_data / args.batch_size)
-    return loss_sum.item() / (steps * num_data)
+    loss_sum = torch.zeros((), device=x.device)
+    for idx in torch.randperm(num_data, generator=generator, device=x.device).split(batch_size):
+        loss = net.loss(x[idx], num_data, analytic)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss_sum += loss.detach()
+    return loss_sum.item() / (math.ceil(num_data / batch_size) * num_data)
 
 
 # ----------------------------------------------------------------------------- pvae
 
 
-def through_pvae(data: pvae.Dataset, args, seed: int, device) -> float:
-    """One run of ``pvae.fit``, no evaluation, no run folder, no progress bar."""
+def through_pvae(data: pvae.Dataset, args, batch_size: int, seed: int, device) -> float:
+    """One epoch of ``pvae.fit``: no evaluation, no run folder, no progress bar."""
     pvae.set_seed(seed)  # the initial weights, as the hand-written loop seeds its own
     model = mlp_vae(data.num_pixels, args.latent_dim, (args.hidden,), "bernoulli")
     guide = mlp_guide(data.num_pixels, args.latent_dim, (args.hidden,))
-    config = pvae.FitConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=1e-3, elbo=args.elbo, seed=seed,
-        eval_every=0, progress=False, validate=args.validate,
-    )
-    result = pvae.fit(model, guide, data, config, device=device)
-    return result.final["train_loss"]
+    config = pvae.FitConfig(epochs=1, batch_size=batch_size, lr=1e-3, elbo=args.elbo, seed=seed, eval_every=0,
+                            progress=False, tape="never" if args.no_tape else "auto")
+    return pvae.fit(model, guide, data, config, device=device).final["train_loss"]
+
+
+# ----------------------------------------------------------------------------- Pyro's VAE example
+
+
+class PyroExampleVAE(nn.Module):
+    """Pyro's ``examples/vae/vae.py``: ``model`` and ``guide`` methods registering their networks with
+    ``pyro.module``; ReLU and a softplus scale here, as the other loops, for the same arithmetic."""
+
+    def __init__(self, num_pixels: int, hidden: int, latent_dim: int):
+        super().__init__()
+        self.nets = HandVAE(num_pixels, hidden, latent_dim)
+        self.latent_dim = latent_dim
+
+    def model(self, x):
+        pyro.module("decoder", self.nets.decoder)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("latent", dist.Normal(x.new_zeros(x.shape[0], self.latent_dim), 1.0).to_event(1))
+            pyro.sample("obs", dist.Bernoulli(logits=self.nets.decoder(z)).to_event(1), obs=x)
+
+    def guide(self, x):
+        pyro.module("encoder", self.nets.encoder)
+        with pyro.plate("data", x.shape[0]):
+            loc, raw_scale = self.nets.encoder(x).chunk(2, dim=-1)
+            pyro.sample("latent", dist.Normal(loc, F.softplus(raw_scale) + 1e-6).to_event(1))
+
+
+def pyro_svi(x: torch.Tensor, args, batch_size: int, seed: int) -> float:
+    """One epoch of ``svi.step(x)`` as Pyro's VAE example runs it (loss summed over the batch)."""
+    pyro.set_rng_seed(seed)
+    pyro.clear_param_store()
+    vae = PyroExampleVAE(x.shape[1], args.hidden, args.latent_dim).to(x.device)
+    svi = pyro.infer.SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-3}), loss=pyro.infer.Trace_ELBO())
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    epoch_loss = 0.0
+    with pyro.validation_enabled(False):
+        for idx in torch.randperm(x.shape[0], generator=generator, device=x.device).split(batch_size):
+            epoch_loss += svi.step(x[idx])
+    return epoch_loss / x.shape[0]
+
+
+# ----------------------------------------------------------------------------- the PyTorch VAE example
+
+
+def torchvision_set(args, max_items):
+    """``datasets.FashionMNIST(transform=transforms.ToTensor())``, from the IDX files unpacked once."""
+    from torchvision import datasets, transforms
+
+    raw = Path(args.cache) / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        if (raw / name).is_file():
+            continue
+        source = Path(args.data) / name
+        gz = source.with_name(name + ".gz")
+        if gz.is_file():
+            with gzip.open(gz, "rb") as f, open(raw / name, "wb") as out:
+                shutil.copyfileobj(f, out)
+        else:
+            shutil.copyfile(source, raw / name)
+    dataset = datasets.FashionMNIST(str(Path(args.cache)), train=True, download=False, transform=transforms.ToTensor())
+    if max_items is not None:
+        dataset = torch.utils.data.Subset(dataset, range(max_items))
+    return dataset
+
+
+def torch_dataloader(dataset, args, batch_size: int, seed: int, device) -> float:
+    """One epoch of the PyTorch VAE example's loop: ``DataLoader(shuffle=True)`` over ``ToTensor`` images,
+    default Adam, the loss summed over the batch."""
+    torch.manual_seed(seed)
+    net = HandVAE(784, args.hidden, args.latent_dim).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True)
+    loss_sum = 0.0
+    for x, _ in loader:
+        x = x.to(device).view(-1, 784)
+        opt.zero_grad()
+        loss = net.loss(x, x.shape[0], args.elbo == "analytic-kl")
+        loss.backward()
+        loss_sum += loss.item()
+        opt.step()
+    return loss_sum / len(dataset)
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def step_matmul_flops(batch_size: int, pixels: int, hidden: int, latent: int) -> float:
+    """Multiply-adds x 2 of one step's matrix products: forward through the four layers, backward to
+    every weight and to every layer's input but the data's."""
+    layers = [(pixels, hidden), (hidden, 2 * latent), (latent, hidden), (hidden, pixels)]
+    forward = sum(2 * batch_size * i * o for i, o in layers)
+    to_inputs = forward - 2 * batch_size * pixels * hidden
+    return forward + forward + to_inputs
+
+
+def matmul_peak(device, size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of ``torch.mm`` on ``size x size`` float32 matrices, the best of ``repeats``."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    torch.mm(a, b)
+    best = math.inf
+    for _ in range(repeats):
+        seconds, _, _ = timed(lambda: torch.mm(a, b), device)
+        best = min(best, seconds)
+    return 2 * size**3 / best
+
+
+# ----------------------------------------------------------------------------- timing
 
 
 def timed(fn, device) -> tuple:
-    """``(wall seconds, CPU seconds of this process, fn())``; CPU time is less disturbed by other
-    processes on a shared machine."""
+    """``(wall seconds, CPU seconds of this process, fn())``."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -153,31 +270,26 @@ def load(args, device) -> pvae.Dataset:
             "`apt-get install dataset-fashion-mnist` (it fills /usr/share/datasets/fashion-mnist), "
             "or pass --data FOLDER holding the four IDX files (plain or .gz)."
         )
-    data = pvae.load_dataset(str(folder), binarize="static")
+    data = pvae.load_dataset(str(folder), binarize="static", val_size=0)
     if args.max_batches is not None:
-        n = min(data.train.shape[0], args.max_batches * args.batch_size)
+        n = min(data.train.shape[0], args.max_batches * max(args.batch_sizes))
         data = pvae.Dataset(data.name, data.image_shape, data.train[:n], data.val[:0], data.test[:0],
                             binarize=data.binarize)
     return data.to(device)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads or torch.get_num_threads())  # the same for every loop
-    device = pvae.resolve_device(args.device)
-    data = load(args, device)
+def run_batch_size(batch_size: int, data, dataset, args, device, peak: float) -> dict:
     x = data.train
-    runs = {
-        "pvae": lambda seed: through_pvae(data, args, seed, device),
-        "hand-written": lambda seed: hand_written(x, args, seed),
+    every = {
+        "pvae": lambda seed: through_pvae(data, args, batch_size, seed, device),
+        "hand, fused": lambda seed: hand_written(x, args, batch_size, seed, fused=True),
+        "hand-written": lambda seed: hand_written(x, args, batch_size, seed),
+        "pyro SVI.step": lambda seed: pyro_svi(x, args, batch_size, seed),
+        "torch DataLoader": lambda seed: torch_dataloader(dataset, args, batch_size, seed, device),
     }
-    if args.fused_baseline:
-        runs["hand, fused"] = lambda seed: hand_written(x, args, seed, fused=True)
-    steps = args.epochs * math.ceil(x.shape[0] / args.batch_size)
-    print(f"device {device}, torch {torch.__version__}, pyro {pyro.__version__}, {torch.get_num_threads()} threads, "
-          f"pyro validation in pvae: {'every step' if args.validate else 'first batch only'}")
-    print(f"{x.shape[0]} training images x {x.shape[1]} pixels, {args.epochs} epoch(s) = {steps} steps of "
-          f"{args.batch_size}, {args.latent_dim}-D latent, {args.hidden} hidden, elbo {args.elbo}")
+    runs = {name: every[name] for name in args.loops}
+    steps = math.ceil(x.shape[0] / batch_size)
+    print(f"\nbatch {batch_size}: {x.shape[0]} images x {x.shape[1]} pixels, one epoch = {steps} steps")
     if not args.no_warmup:
         for fn in runs.values():
             fn(args.repeats)  # a seed no timed run uses
@@ -189,18 +301,46 @@ def main(argv=None) -> dict:
             s, cpu, loss = timed(lambda: runs[name](r), device)
             seconds[name].append(s)
             cpu_seconds[name].append(cpu)
-            print(f"repeat {r + 1}/{args.repeats}  {name:12s} {s:7.3f} s  {1e3 * s / steps:6.2f} ms/step  "
+            print(f"  repeat {r + 1}/{args.repeats}  {name:16s} {s:7.3f} s  {1e3 * s / steps:6.2f} ms/step  "
                   f"(CPU {cpu:7.3f} s)  loss {loss:8.3f} nats")
     medians = {name: statistics.median(v) for name, v in seconds.items()}
     cpu_medians = {name: statistics.median(v) for name, v in cpu_seconds.items()}
+    flops = step_matmul_flops(batch_size, x.shape[1], args.hidden, args.latent_dim)
     for name, m in medians.items():
-        print(f"median {name:12s} {m:7.3f} s  {1e3 * m / steps:6.2f} ms/step  (CPU {cpu_medians[name]:7.3f} s)")
+        rate = flops * steps / m
+        print(f"  median {name:16s} {m:7.3f} s  {1e3 * m / steps:6.2f} ms/step  (CPU {cpu_medians[name]:7.3f} s)  "
+              f"matmuls {rate / 1e9:6.1f} GFLOP/s = {rate / peak:.2f} of the peak")
     ratios = {}
-    for name in list(runs)[1:]:
-        ratios[name] = medians["pvae"] / medians[name]
-        print(f"ratio pvae / {name + ':':13s} {ratios[name]:.3f} wall-clock, "
-              f"{cpu_medians['pvae'] / cpu_medians[name]:.3f} CPU time")
+    if "pvae" in medians:
+        for name in medians:
+            if name == "pvae":
+                continue
+            ratios[name] = medians["pvae"] / medians[name]
+            print(f"  ratio pvae / {name + ':':17s} {ratios[name]:.3f} wall-clock, "
+                  f"{cpu_medians['pvae'] / cpu_medians[name]:.3f} CPU time")
+        if "hand, fused" in ratios:
+            target = 1.10 if batch_size <= 128 else 1.03
+            met = "met" if ratios["hand, fused"] <= target else "NOT met"
+            print(f"  target pvae / hand, fused <= {target}: {met}")
+        for name in ("pyro SVI.step", "torch DataLoader"):
+            if name in ratios:
+                print(f"  pvae is {1 / ratios[name]:.2f}x as fast as {name} (target >= 1.4: "
+                      f"{'met' if 1 / ratios[name] >= 1.4 else 'NOT met'})")
     return {"seconds": seconds, "cpu_seconds": cpu_seconds, "medians": medians, "ratios": ratios}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads or torch.get_num_threads())  # the same for every loop
+    device = pvae.resolve_device(args.device)
+    data = load(args, device)
+    dataset = torchvision_set(args, data.train.shape[0]) if "torch DataLoader" in args.loops else None
+    peak = matmul_peak(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device {device} ({name}), torch {torch.__version__}, pyro {pyro.__version__}, "
+          f"{torch.get_num_threads()} threads; {args.latent_dim}-D latent, {args.hidden} hidden, elbo {args.elbo}; "
+          f"matmul peak {peak / 1e9:.1f} GFLOP/s (2048 x 2048 torch.mm)")
+    return {b: run_batch_size(b, data, dataset, args, device, peak) for b in args.batch_sizes}
 
 
 if __name__ == "__main__":

@@ -25,10 +25,10 @@ import pyro
 import torch
 
 from pvae.guides import mean_field_guide
-from pvae.inference import ReparamELBO
+from pvae.inference import make_elbo
 from pvae.models import mlp_vae
-from pvae.programs import Batch, Program
-from pvae.svi import make_optimizers  # the optimizers fit() builds: SparseAdam for the tables
+from pvae.programs import Batch, Program, inspect_programs
+from pvae.svi import SVIStep, collect_params, make_optimizers
 from pvae.utils import resolve_device, set_seed
 
 
@@ -45,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pyro-steps", type=int, default=10, help="timed steps per size and round of that contrast (default: 10)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--tape", action=argparse.BooleanOptionalAction, default=True,
+                   help="pvae's step replays its recorded objective, as pvae.fit does for these programs (default: on)")
     args = p.parse_args(argv)
     if min(args.sizes) < args.batch_size or args.steps < 1 or args.rounds < 1:
         p.error("every size must be at least the batch size, and --steps and --rounds at least 1")
@@ -63,31 +65,23 @@ class Setup:
         self.guide = mean_field_guide(n, args.latent_dim, sparse=sparse).to(device)
         self.generator = torch.Generator(device=device).manual_seed(0)
         self.device = device
-        if sparse:
-            elbo = ReparamELBO(1)  # as pvae.fit picks for this guide
-            params = [*self.model.parameters(), *self.guide.parameters()]
-            optimizers = make_optimizers(params, [self.model, self.guide], lr=1e-3, local_lr=3e-2)
-            model, guide = Program(self.model), Program(self.guide)
-
-            def step(xb, idx):
-                loss = elbo.differentiable_loss(model, guide, Batch(xb, idx, n))
-                loss.backward()
-                for opt in optimizers:
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-
-            self.state = optimizers
+        model, guide = Program(self.model), Program(self.guide, "guide")
+        if sparse:  # what pvae.fit builds: SVIStep with SparseAdam for the table, Adam for the decoder
+            probe = Batch.of(self.data[: self.batch_size].float(), num_data=n)
+            info = inspect_programs(model, guide, probe)
+            params = collect_params(model, guide, probe)
+            step = SVIStep(model, guide, make_elbo("trace", 1, info),
+                           make_optimizers(params, [self.model, self.guide], lr=1e-3, local_lr=3e-2), params,
+                           tape=args.tape)
+            self.step = lambda xb, idx: step(Batch.of(xb, idx, n))
+            self.state = step.optimizers
         else:  # Pyro's defaults: SVI and pyro.optim.Adam, which wraps torch.optim.Adam per parameter
-            # pvae's programs hold nn.Module parameters; SVI finds parameters in the param store only,
-            # so register them there on every step, as Pyro's own examples do with pyro.module
-            model, guide = _registered("decoder", self.model), _registered("mean_field", self.guide)
+            # SVI finds parameters in the param store only: register the modules there on every step, as
+            # Pyro's own examples do with pyro.module
+            model, guide = _registered("decoder", self.model, model), _registered("mean_field", self.guide, guide)
             svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), pyro.infer.Trace_ELBO())
-
-            def step(xb, idx):
-                svi.step(Batch(xb, idx, n))
-
+            self.step = lambda xb, idx: svi.step(Batch.of(xb, idx, n))
             self.state = svi
-        self.step = step
 
     def batch(self) -> tuple:
         idx = _distinct(self.n, self.batch_size, self.generator, self.device)
@@ -119,14 +113,12 @@ class Setup:
         return total
 
 
-def _registered(name: str, module):
-    called = Program(module)  # scales the data plate to the data set, as fit does
-
-    def program(batch):
+def _registered(name: str, module, program):
+    def registered(batch):
         pyro.module(name, module)
-        return called(batch)
+        return program(batch)
 
-    return program
+    return registered
 
 
 def _distinct(n: int, k: int, generator, device) -> torch.Tensor:

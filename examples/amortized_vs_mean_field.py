@@ -90,7 +90,7 @@ def main(argv=None) -> dict:
 
     model, guide, data, _ = fitted["amortized"]
     x = data.batch("test", slice(0, args.datapoints))
-    quick = dict(particles=8, max_steps=50, window=10, elbo_particles=32, iwae_samples=64) if args.quick else {}
+    quick = dict(particles=8, max_steps=50, elbo_particles=32, iwae_samples=64) if args.quick else {}
     config = CompareConfig(refine_steps=tuple(args.study_refine_steps), refine_lr=args.refine_lr, seed=args.seed,
                            **quick)
     comparison = compare_inference(model, x, guide, config, progress=not args.quiet,

@@ -66,8 +66,8 @@ from pvae.reports import comparison_table
 from pvae.run import write_comparison
 from pvae.utils import write_json
 
-QUICK = dict(batch_size=50, particles=10, max_steps=60, window=10, elbo_particles=100, iwae_samples=200, chunk_size=100)
-STUDY = dict(particles=50, max_steps=2000, window=50, elbo_particles=1000, iwae_samples=2000)
+QUICK = dict(batch_size=50, particles=10, max_steps=30, elbo_particles=100, iwae_samples=200, chunk_size=100)
+STUDY = dict(elbo_particles=1000, iwae_samples=2000)
 GUIDES = ("amortized", "mean-field")
 
 

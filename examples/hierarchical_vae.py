@@ -57,8 +57,8 @@ from pvae.models.networks import mlp
 from pvae.reports import comparison_table
 from pvae.run import write_comparison
 
-QUICK = dict(batch_size=20, particles=10, max_steps=60, window=10, elbo_particles=50, iwae_samples=100, chunk_size=50)
-STUDY = dict(particles=50, max_steps=1000, window=50, elbo_particles=500, iwae_samples=2000)
+QUICK = dict(batch_size=20, particles=10, max_steps=30, elbo_particles=50, iwae_samples=100, chunk_size=50)
+STUDY = dict(elbo_particles=500, iwae_samples=2000)
 GUIDES = ("amortized", "mean-field", "semi-amortized")
 
 

@@ -165,8 +165,8 @@ class VAE(nn.Module):
 
 # ----------------------------------------------------------------------------- the study
 
-QUICK = dict(batch_size=20, particles=10, max_steps=60, window=10, elbo_particles=50, iwae_samples=100, chunk_size=50)
-STUDY = dict(particles=50, max_steps=1000, window=50, elbo_particles=500, iwae_samples=2000)
+QUICK = dict(batch_size=20, particles=10, max_steps=30, elbo_particles=50, iwae_samples=100, chunk_size=50)
+STUDY = dict(elbo_particles=500, iwae_samples=2000)
 GUIDES = ("amortized", "mean-field")
 
 

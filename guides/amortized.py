@@ -46,13 +46,20 @@ class AmortizedGuide(SiteGuide):
         autoencoder's code); the head outputs its parameters.
     :param corruption: ``corruption(x) -> x_tilde`` applied to x before the encoder reads it, in
         training mode only (a denoising autoencoder; :mod:`pvae.guides.corruption`).
+    :param static_structure: the body runs the same operations on every batch of a shape, so that
+        ``fit`` may record the objective once (:mod:`pvae.tape`); by default true for pvae's own
+        bodies (the MLP, :class:`~pvae.models.networks.ConvEncoder`) and false for a body of yours.
     """
 
     def __init__(self, model=None, *, sites=None, body: Optional[nn.Module] = None, hidden: Sequence[int] = (400,),
                  activation: str = "relu", inputs: Optional[Sequence[str]] = None, classes: Optional[dict] = None,
-                 in_features: Optional[int] = None, family=LocalFamily, corruption: Optional[Callable] = None):
+                 in_features: Optional[int] = None, family=LocalFamily, corruption: Optional[Callable] = None,
+                 static_structure: Optional[bool] = None):
         super().__init__(model, sites, family)
         self.corruption = corruption
+        if static_structure is None:
+            static_structure = body is None or isinstance(body, ConvEncoder)
+        self.static_structure = static_structure
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}")
         if any(h < 1 for h in hidden):

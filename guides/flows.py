@@ -37,6 +37,7 @@ References:
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import pyro
 import pyro.distributions as dist
@@ -48,7 +49,7 @@ from torch.distributions import biject_to
 
 from pvae.programs import DATA, Batch, ProgramError
 
-from .sites import SCALE_FLOOR, _is_real, inverse_softplus
+from .sites import SCALE_FLOOR, _is_real, _LatentValues, inverse_softplus
 
 JOINT = "_pvae_joint"  # the auxiliary site of the joint families: all continuous local sites, unconstrained
 _LOG_E_MINUS_1 = math.log(math.e - 1)  # softplus of it is 1
@@ -126,8 +127,20 @@ class JointFamily:
             offset += site.numel
         raise KeyError(name)
 
-    def sample(self, params: dict, batch: Batch) -> dict:
-        """``pyro.sample`` the auxiliary u in the data plate, then each site as a Delta at its value."""
+    def loc_units(self, raw: torch.Tensor) -> torch.Tensor:
+        """``(rows, size)``: the natural unit of each parameter at ``raw``, the base scales for the locs
+        and 1 for the rest (q*'s optimizer moves the locs in these units)."""
+        units = torch.ones_like(raw)
+        units[:, self.slices["loc"]] = self.unpack(raw)[JOINT]["scale"]
+        return units
+
+    def sample(self, params: dict, batch: Batch, noise: Optional[torch.Tensor] = None) -> dict:
+        """``pyro.sample`` the auxiliary u in the data plate, then each site as a Delta at its value.
+
+        :param noise: ``(B, D)`` standard normal draws from which u is made, the base Gaussian's and then
+            the family's maps, instead of fresh ones (common random numbers, as for
+            :meth:`~pvae.guides.sites.LocalFamily.sample`); u stays differentiable in ``params``.
+        """
         values = {}
         if not self.sites:
             return values
@@ -135,7 +148,12 @@ class JointFamily:
         ones = (1,) * (-data_dim - 1)  # u's batch shape has the data axis where the plate has it
         shaped = {JOINT: {k: v.reshape(v.shape[0], *ones, v.shape[-1]) for k, v in params[JOINT].items()}}
         with pyro.plate(DATA, batch.num_data, subsample=batch.idx, dim=data_dim):
-            u = pyro.sample(JOINT, self.joint(shaped), infer={"is_auxiliary": True})
+            q = self.joint(shaped)
+            if noise is None:
+                u = pyro.sample(JOINT, q, infer={"is_auxiliary": True})
+            else:
+                with _LatentValues({JOINT: _transform_noise(q, noise.reshape(noise.shape[0], *ones, self.dim))}):
+                    u = pyro.sample(JOINT, q, infer={"is_auxiliary": True})
             lead = u.shape[: u.dim() - 1 + data_dim]
             flat = u.reshape(*lead, len(batch), self.dim)  # (..., B, D)
             offset = 0
@@ -150,6 +168,24 @@ class JointFamily:
     def describe(self) -> str:
         names = ", ".join(f"{s.name} {tuple(s.shape)}" for s in self.sites)
         return f"{self.name} over {names}" if names else "no local sites"
+
+
+def _transform_noise(q, eps: torch.Tensor) -> torch.Tensor:
+    """The draw of ``q`` (a Normal, a multivariate Normal, or a transformed one of them) that its
+    reparameterization makes of the standard normal ``eps``; a transformed draw passes through ``q``'s
+    own maps, whose caches then give its log-density as for ``rsample``."""
+    if isinstance(q, dist.TransformedDistribution):
+        value = _transform_noise(q.base_dist, eps)
+        for transform in q.transforms:
+            value = transform(value)
+        return value
+    if isinstance(q, dist.Independent):
+        return _transform_noise(q.base_dist, eps)
+    if isinstance(q, dist.Normal):
+        return q.loc + q.scale * eps
+    if isinstance(q, torch.distributions.MultivariateNormal):
+        return q.loc + (q.scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
+    raise NotImplementedError(f"no reparameterization of {type(q).__name__} from standard normal draws")
 
 
 def _delta(site, unconstrained: torch.Tensor):
@@ -205,6 +241,7 @@ class PlanarFamily(JointFamily):
     ``(a, w, b)``: ``flow`` holds them, ``2 D + 1`` numbers a step."""
 
     name = "planar"
+    affine = False  # its draws bend the noise: q*'s objective takes more fixed draws (pvae.compare)
 
     def __init__(self, sites, steps: int = 4):
         if steps < 1:

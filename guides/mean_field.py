@@ -50,6 +50,8 @@ class MeanFieldGuide(SiteGuide):
         :class:`~pvae.guides.AmortizedGuide`).
     """
 
+    static_structure = True  # a table look-up: the same operations on every batch (pvae.protocols.StaticProgram)
+
     def __init__(self, model=None, num_data: Optional[int] = None, *, sites=None, init_scale: float = 0.1,
                  sparse: bool = True, split: str = "train", family=LocalFamily):
         super().__init__(model, sites, family)

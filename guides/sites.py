@@ -27,6 +27,7 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pyro.distributions import constraints
+from pyro.poutine.messenger import Messenger
 from torch import nn
 from torch.distributions import biject_to
 
@@ -257,12 +258,22 @@ class LocalFamily:
             out[site.name] = _distribution(site, shaped)
         return out
 
-    def sample(self, params: dict, batch: Batch) -> dict:
-        """``pyro.sample`` every local site from ``params`` (rows of ``batch``) in its plates."""
+    def sample(self, params: dict, batch: Batch, noise: Optional[torch.Tensor] = None) -> dict:
+        """``pyro.sample`` every local site from ``params`` (rows of ``batch``) in its plates.
+
+        :param noise: ``(B, latent_size)`` standard normal draws, one row per datapoint, from which the
+            continuous sites take their values, :math:`z = T(\\mu + \\sigma \\epsilon)`, instead of fresh
+            ones (common random numbers: the draws of an objective held fixed while its parameters
+            move). The values stay differentiable in ``params``; discrete sites are drawn afresh.
+        """
         values = {}
         if not self.sites:
             return values
-        with pyro.plate(DATA, batch.num_data, subsample=batch.idx, dim=self.sites[0].data_dim):
+        fixed = {} if noise is None else self.reparameterize(params, noise)
+        with ExitStack() as stack:
+            stack.enter_context(pyro.plate(DATA, batch.num_data, subsample=batch.idx, dim=self.sites[0].data_dim))
+            if fixed:
+                stack.enter_context(_LatentValues(fixed))
             for site, fn in zip(self.sites, self.distributions(params).values()):
                 with site.plate_stack():
                     values[site.name] = pyro.sample(site.name, fn)
@@ -274,6 +285,26 @@ class LocalFamily:
         loc = params[name]["loc"]
         return loc, params[name]["scale"] if "scale" in params[name] else torch.zeros_like(loc)
 
+    def loc_units(self, raw: torch.Tensor) -> torch.Tensor:
+        """``(rows, size)``: the natural unit of each parameter at ``raw``, the site's scales for the
+        locs and 1 for the rest (q*'s optimizer moves the locs in these units)."""
+        units, params = torch.ones_like(raw), self.unpack(raw)
+        for site in self.continuous:
+            units[:, self.slices[site.name]["loc"]] = params[site.name]["scale"]
+        return units
+
+    def reparameterize(self, params: dict, noise: torch.Tensor) -> dict:
+        """The continuous sites' values :math:`T(\\mu + \\sigma \\epsilon)` at the draws ``noise``,
+        ``(B, latent_size)`` with the sites' dimensions in order, each in its site's batch layout."""
+        values, offset = {}, 0
+        for site in self.continuous:
+            eps = noise[:, offset:offset + site.numel]
+            offset += site.numel
+            p = params[site.name]
+            value = site.unflatten(p["loc"] + p["scale"] * eps)
+            values[site.name] = value if _is_real(site.support) else biject_to(site.support)(value)
+        return values
+
     def describe(self) -> str:
         kind = lambda s: "point mass" if self.point and s.kind == "continuous" else s.kind  # noqa: E731
         return ", ".join(f"{s.name} {kind(s)} {tuple(s.shape)}" for s in self.sites) or "no local sites"
@@ -283,6 +314,20 @@ def point_mass(sites) -> LocalFamily:
     """The family of an autoencoder's code: every continuous local site a point mass at its ``loc``
     (``AmortizedGuide(model, family=point_mass)``, ``mlp_guide(..., family=point_mass)``)."""
     return LocalFamily(sites, point=True)
+
+
+class _LatentValues(Messenger):
+    """Gives latent sites the values ``values`` in place of a draw: like ``poutine.replay``, the sites
+    stay latent (their log-density counts in the ELBO), but the values are computed by the caller."""
+
+    def __init__(self, values: dict):
+        super().__init__()
+        self.values = values
+
+    def _pyro_sample(self, msg):
+        if msg["name"] in self.values and not msg["is_observed"]:
+            msg["value"] = self.values[msg["name"]]
+            msg["done"] = True
 
 
 class GlobalGuide(nn.Module):

@@ -29,6 +29,8 @@ class LinearGaussian(nn.Module):
     """The linear-Gaussian model with parameters ``W = linear.weight`` ``(P, D)``, ``b = linear.bias``
     and a learned noise scale ``sigma``."""
 
+    static_structure = True  # the same operations on every batch (pvae.protocols.StaticProgram)
+
     def __init__(self, num_pixels: int, latent_dim: int, sigma: float = 1.0):
         super().__init__()
         self.latent_dim = latent_dim
@@ -97,6 +99,8 @@ class LinearGaussianHierarchy(nn.Module):
     mean-field Gaussian over both sites has the posterior means and variances :math:`1 / \\Lambda_{dd}`:
     the gap study's q* and approximation gap over two sites have closed forms.
     """
+
+    static_structure = True  # the same operations on every batch (pvae.protocols.StaticProgram)
 
     def __init__(self, num_pixels: int, top_dim: int, bottom_dim: int, s: float = 0.5, sigma: float = 0.5):
         super().__init__()

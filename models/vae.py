@@ -19,13 +19,17 @@ class VAE(nn.Module):
 
     :param decoder: maps z ``(..., latent_dim)`` to the likelihood's parameters ``(..., k * P)``.
     :param likelihood: one of :mod:`pvae.models.likelihoods`.
+    :param static_structure: the decoder runs the same operations on every batch of a shape (no
+        branch on values), so that ``fit`` may record the objective once (:mod:`pvae.tape`); true for
+        the decoders of :func:`mlp_vae` and :func:`conv_vae`.
     """
 
-    def __init__(self, decoder: nn.Module, likelihood, latent_dim: int):
+    def __init__(self, decoder: nn.Module, likelihood, latent_dim: int, static_structure: bool = False):
         super().__init__()
         self.decoder = decoder
         self.likelihood = likelihood
         self.latent_dim = latent_dim
+        self.static_structure = static_structure
 
     def forward(self, x: torch.Tensor) -> None:
         with pyro.plate("data", x.shape[0]):
@@ -52,10 +56,10 @@ def mlp_vae(
     :data:`~pvae.models.likelihoods.LIKELIHOODS` or a likelihood (``FixedGaussian(scale=0.1)``)."""
     lik = make_likelihood(likelihood)
     decoder = mlp([latent_dim, *hidden, lik.params_per_pixel * num_pixels], activation)
-    return VAE(decoder, lik, latent_dim)
+    return VAE(decoder, lik, latent_dim, static_structure=True)
 
 
 def conv_vae(image_shape, latent_dim: int = 20, likelihood="bernoulli") -> VAE:
     """A convolutional decoder for 28x28 images."""
     lik = make_likelihood(likelihood)
-    return VAE(ConvDecoder(latent_dim, image_shape, lik.params_per_pixel), lik, latent_dim)
+    return VAE(ConvDecoder(latent_dim, image_shape, lik.params_per_pixel), lik, latent_dim, static_structure=True)

@@ -313,20 +313,18 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", choices=["train", "val", "test"], default="test",
                    help="the datapoints (default: test; Cremer et al. measured on train)")
     p.add_argument("--max-datapoints", type=POSITIVE_INT, default=1000, help="the first N datapoints of the split (default: 1000)")
-    q = p.add_argument_group("q*, the best Gaussian per datapoint")
+    q = p.add_argument_group("q*, the best q of the guide's family per datapoint (L-BFGS on the ELBO over fixed draws)")
     q.add_argument("--init", choices=["encoder", "prior"], default=d["init"], help=f"where q* starts (default: {d['init']}; prior without an encoder)")
-    q.add_argument("--particles", type=POSITIVE_INT, default=d["particles"], help=f"samples of z per datapoint and Adam step (default: {d['particles']})")
-    q.add_argument("--lr", type=POSITIVE, default=d["lr"], help=f"Adam's first learning rate (default: {d['lr']})")
-    q.add_argument("--max-steps", type=POSITIVE_INT, default=d["max_steps"], help=f"Adam steps per batch at most (default: {d['max_steps']})")
-    q.add_argument("--window", type=POSITIVE_INT, default=d["window"], help=f"steps whose mean bound must beat the previous window's, else the lr is cut (default: {d['window']})")
-    q.add_argument("--lr-decays", type=COUNT, default=d["lr_decays"], help=f"lr cuts by 10 before q* counts as converged (default: {d['lr_decays']})")
+    q.add_argument("--particles", type=POSITIVE_INT, default=d["particles"], help=f"fixed draws of z per datapoint in q*'s objective, antithetic and moment-matched (default: {d['particles']})")
+    q.add_argument("--max-steps", type=POSITIVE_INT, default=d["max_steps"], help=f"L-BFGS iterations per datapoint at most (default: {d['max_steps']})")
+    q.add_argument("--tol", type=POSITIVE, default=d["tol"], help=f"converged when a full L-BFGS step gains less than this share of the bound (default: {d['tol']})")
     q.add_argument("--batch-size", type=POSITIVE_INT, default=d["batch_size"], help=f"datapoints optimized at once (default: {d['batch_size']})")
     k = p.add_argument_group("q_K, the encoder's q refined by K gradient steps")
     k.add_argument("--refine-steps", type=POSITIVE_INT, nargs="+", default=list(d["refine_steps"]), help=f"the values of K (default: {' '.join(map(str, d['refine_steps']))})")
     k.add_argument("--refine-lr", type=POSITIVE, help="their step size (default: the run's --refine-lr, else 0.01)")
     e = p.add_argument_group("estimates")
-    e.add_argument("--elbo-particles", type=POSITIVE_INT, default=d["elbo_particles"], help=f"samples per datapoint of each ELBO (default: {d['elbo_particles']})")
-    e.add_argument("--iwae-samples", type=POSITIVE_INT, default=d["iwae_samples"], help=f"samples per datapoint of log p(x) (default: {d['iwae_samples']})")
+    e.add_argument("--elbo-particles", type=POSITIVE_INT, default=d["elbo_particles"], help=f"samples per datapoint of each ELBO of q and q_K (default: {d['elbo_particles']})")
+    e.add_argument("--iwae-samples", type=POSITIVE_INT, default=d["iwae_samples"], help=f"samples per datapoint of log p(x), and of L[q*] on the same draws (default: {d['iwae_samples']})")
     e.add_argument("--chunk-size", type=POSITIVE_INT, default=d["chunk_size"], help=f"samples traced at once; bounds the memory (default: {d['chunk_size']})")
     e.add_argument("--seed", type=SEED, default=d["seed"], help=f"seeds every draw of the study (default: {d['seed']})")
     out = p.add_argument_group("output")
@@ -351,8 +349,8 @@ def run_compare(args) -> int:
     check_writable(run.path)
     refine_lr = args.refine_lr if args.refine_lr is not None else getattr(run.config, "refine_lr", 1e-2)
     config = CompareConfig(
-        batch_size=args.batch_size, init=args.init, particles=args.particles, lr=args.lr, max_steps=args.max_steps,
-        window=args.window, lr_decays=args.lr_decays, refine_steps=tuple(args.refine_steps), refine_lr=refine_lr,
+        batch_size=args.batch_size, init=args.init, particles=args.particles, max_steps=args.max_steps, tol=args.tol,
+        refine_steps=tuple(args.refine_steps), refine_lr=refine_lr,
         elbo_particles=args.elbo_particles, iwae_samples=args.iwae_samples, chunk_size=args.chunk_size, seed=args.seed,
     )
     batch = _datapoints("compare", run, args.split, args.max_datapoints, args.seed)
@@ -365,6 +363,7 @@ def run_compare(args) -> int:
     saved = read_config(run.path)
     reference = cremer_reference({**(saved.get("run") or {}), "split": args.split})
     print(comparison_table(result, reference))
+    print("pvae compare: seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
     paths = write_comparison(run.path, result, f"compare-{args.split}", figure=not args.no_figures, reference=reference)
     if args.curves and not args.no_figures:
         runs = {run_label(r): read_metrics(r) for r in [args.run, *args.curves]}

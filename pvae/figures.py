@@ -386,7 +386,7 @@ def posterior_densities(model, guide, data: Dataset, path, datapoints: int = 3, 
                 ParamsGuide(encoder.family, refined), batch, num_samples)
     else:
         start = None
-    q_star, _ = optimize_local(cond_model, batch, family, start, q_star_particles, max_steps=q_star_steps, window=10)
+    q_star, _ = optimize_local(cond_model, batch, family, start, q_star_particles, max_steps=q_star_steps)
     exports["q*, the best mean-field Gaussian"] = to_inference_data(ParamsGuide(family, q_star), batch, num_samples)
     if isinstance(model, ExactPosterior):
         exports["p(z | x), exact"] = _exact_draws(model, batch, family, num_samples, draws_inference_data)

@@ -92,6 +92,24 @@ class Autoencoding(Protocol):
         """``decode(encode(x))``, flat ``(B, P)``."""
 
 
+@runtime_checkable
+class StaticProgram(Protocol):
+    """A program that runs the same tensor operations, in the same order, on every batch of a given
+    shape: no Python branch on tensor values, no Python randomness, no state that changes between
+    steps. ``static_structure`` says whether it does (pvae's own models and guides set it); ``fit``
+    then records its objective once and replays it (:mod:`pvae.tape`)."""
+
+    static_structure: bool
+
+
+def is_static(program) -> bool:
+    """Whether ``program`` (a :class:`~pvae.programs.Program`, a function, a module or a bound method of
+    one) declares :class:`StaticProgram`."""
+    fn = getattr(program, "fn", program)
+    owner = getattr(fn, "__self__", None)  # a bound method (vae.model): its object's declaration
+    return any(isinstance(o, StaticProgram) and bool(o.static_structure) for o in (fn, owner) if o is not None)
+
+
 def has_q_for(guide, split: Optional[str]) -> bool:
     """Whether ``guide`` has a q for the datapoints of ``split``."""
     return not isinstance(guide, PerDatapoint) or split in (None, guide.split)

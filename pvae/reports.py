@@ -132,10 +132,11 @@ def comparison_markdown(c: Comparison, reference: Optional[dict] = None) -> str:
         "",
         f"{c.datapoints} datapoints ({s.get('split', 'given data')}); mean ± standard error over "
         "datapoints, in nats; gaps are paired datapoint by datapoint. "
-        f"q* (the mean-field family over {s.get('family', 'the local sites')}) optimized by Adam from the "
-        f"{s.get('init', '?')} with {s.get('particles', '?')} particles per step ({c.q_star_steps:.0f} steps per "
-        f"batch on average); ELBOs with {s.get('elbo_particles', '?')} samples, log p̂(x) by the "
-        f"importance-weighted bound with {s.get('iwae_samples', '?')} samples; q_K: K gradient steps of size "
+        f"q* (the mean-field family over {s.get('family', 'the local sites')}) optimized by L-BFGS from the "
+        f"{s.get('init', '?')} on {s.get('particles', '?')} fixed draws per datapoint ({c.q_star_steps:.0f} "
+        f"iterations on average); ELBOs of q and q_K with {s.get('elbo_particles', '?')} samples, log p̂(x) by the "
+        f"importance-weighted bound and L[q*] with {s.get('iwae_samples', '?')} fresh samples of q*; q_K: K "
+        f"gradient steps of size "
         f"{s.get('refine_lr', '?')} from the encoder's q." + (f" Global sites: {s['global sites']}." if "global sites" in s else ""),
         "",
         "| | ours |" + (" Cremer et al. 2018 |" if reference else ""),

@@ -257,7 +257,8 @@ def _check_format(saved: dict, path) -> None:
 
 def _check_same_config(saved: FitConfig, config: FitConfig) -> None:
     before, now = asdict(saved), asdict(config)
-    differ = [k for k in now if k not in ("epochs", "progress", "validate") and before[k] != now[k]]
+    # settings of speed and output only: a resumed run gives the same numbers whatever they are
+    differ = [k for k in now if k not in ("epochs", "progress", "validate", "tape") and before[k] != now[k]]
     if differ:
         pairs = ", ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in differ)
         raise ValueError(f"cannot resume with a different fit config ({pairs}); only epochs may change")

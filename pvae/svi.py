@@ -12,6 +12,7 @@ between the backward pass and the optimizers: one all-reduce makes them the grad
 batches together.
 """
 
+import warnings
 from typing import Optional, Sequence
 
 import pyro
@@ -20,9 +21,10 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from .inference import KLWeight
+from .inference import KLWeight, PvaeWarning
 from .programs import Batch, Program
 from .protocols import AuxiliaryObjective
+from .tape import Tape, tensor_key
 
 
 def program_modules(program) -> list:
@@ -66,6 +68,11 @@ def make_optimizers(params: Sequence[torch.Tensor], modules: Sequence[nn.Module]
     return optimizers
 
 
+def _say_untaped(problem: str) -> None:
+    warnings.warn(f"the training objective is not recorded, every step runs the programs: {problem}", PvaeWarning,
+                  stacklevel=5)
+
+
 class SVIStep:
     """Model, guide, objective and optimizers: ``step(batch)`` takes one gradient step on
     ``elbo.differentiable_loss`` and returns the loss (detached, on the device: no host synchronization).
@@ -76,10 +83,12 @@ class SVIStep:
         run checks the programs and their data; the checks cost about 8% of a small VAE's step).
     :param sync: a :class:`~pvae.distributed.GradientSync` in a data-parallel fit: the step's gradients
         and loss become those of every rank's batch together (a rank may then have an empty batch).
+    :param tape: record the objective once per batch shape and replay it (:mod:`pvae.tape`): only for
+        programs that run the same operations on every batch (:class:`~pvae.protocols.StaticProgram`).
     """
 
     def __init__(self, model: Program, guide: Program, elbo, optimizers: list, params: list,
-                 kl_weight: Optional[KLWeight] = None, validate: bool = False, sync=None):
+                 kl_weight: Optional[KLWeight] = None, validate: bool = False, sync=None, tape: bool = False):
         self.model, self.guide, self.elbo = model, guide, elbo
         self.optimizers, self.params = optimizers, params
         self.kl_weight = kl_weight
@@ -87,14 +96,28 @@ class SVIStep:
         self.sync = sync
         # a guide may train parameters that the ELBO does not reach (a semi-amortized guide's encoder)
         self.auxiliary = guide.fn if isinstance(guide.fn, AuxiliaryObjective) else None
+        self.tape = Tape(on_problem=_say_untaped) if tape else None
         self._checked = False
 
     def loss(self, batch: Batch) -> torch.Tensor:
-        """The objective on ``batch``, scaled to the data set, with the KL weight: what a step descends."""
+        """The objective on ``batch``, scaled to the data set, with the KL weight: what a step descends.
+        With ``tape``, its recording is replayed where one fits the batch (see :mod:`pvae.tape`)."""
         model, guide = self.model, self.guide
         if self.kl_weight is not None:
             model, guide = self.kl_weight(model), self.kl_weight(guide)
-        return self.elbo.differentiable_loss(model, guide, batch)
+        if self.tape is None:
+            return self.elbo.differentiable_loss(model, guide, batch)
+        names = tuple(batch.inputs)
+
+        def objective(x, idx, *values):
+            rows = Batch(x, idx, batch.num_data, dict(zip(names, values)), batch.split)
+            return self.elbo.differentiable_loss(model, guide, rows)
+
+        inputs = [batch.x, batch.idx, *batch.inputs.values()]
+        weight = None if self.kl_weight is None else self.kl_weight.weight
+        key = (tensor_key(inputs), names, batch.num_data, batch.split, weight, torch.is_grad_enabled(),
+               is_validation_enabled())
+        return self.tape(objective, key, inputs)
 
     def step(self, batch: Batch) -> torch.Tensor:
         loss = grads = None

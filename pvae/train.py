@@ -26,11 +26,14 @@ from tqdm.auto import tqdm
 from .data import Dataset, batches
 from .distributed import GradientSync, RowTables, Shard, World, check_backend, current_world, next_fit_key
 from .errors import ConfigError, Interrupted
-from .inference import ELBOS, STREAM_OBJECTIVES, TC_ESTIMATORS, KLWeight, batched, elbo_terms, make_elbo
+from .inference import ELBOS, STREAM_OBJECTIVES, TC_ESTIMATORS, KLWeight, ReparamELBO, batched, elbo_terms, make_elbo
 from .programs import Batch, Program, ProgramInfo, inspect_programs
-from .protocols import EpochMetrics, PerDatapoint, ShardedRows, has_q_for
+from .protocols import AuxiliaryObjective, EpochMetrics, PerDatapoint, ShardedRows, has_q_for, is_static
 from .svi import SVIStep, collect_params, make_optimizers, program_modules
 from .utils import dataclass_from_dict, set_seed
+
+
+TAPES = ("auto", "always", "never")
 
 
 @dataclass
@@ -58,6 +61,9 @@ class FitConfig:
     # Pyro's validation (argument, support, shape and NaN checks) in every training step too; off, only
     # the first step is checked (when validation is on, Pyro's default)
     validate: bool = False
+    # record the objective once per batch shape and replay it (pvae.tape): "auto" for programs that declare
+    # the same operations on every batch (pvae's own models and guides), "always" (yours, on your word), "never"
+    tape: str = "auto"
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "num_particles", "eval_batch_size"):
@@ -80,6 +86,9 @@ class FitConfig:
         if self.elbo in STREAM_OBJECTIVES and (self.beta != 1.0 or self.kl_warmup_epochs):
             raise ConfigError("elbo", f"{self.elbo!r} has no KL weight: drop beta (--beta) and kl_warmup_epochs "
                               "(--kl-warmup); the beta-TCVAE weights the total correlation by tc_beta (--tc-beta)")
+
+        if self.tape not in TAPES:
+            raise ConfigError("tape", f"{self.tape!r} is unknown: choose one of {', '.join(TAPES)}")
 
     @classmethod
     def from_dict(cls, d: dict, where: Optional[str] = None) -> "FitConfig":
@@ -246,11 +255,12 @@ def fit(
         modules = [m for p in (model, guide) for m in program_modules(p)]
         tables = RowTables(guide.fn.row_tables(), data.train.shape[0], shard) if shard is not None and shard.by_row else None
         weighted = config.beta != 1.0 or config.kl_warmup_epochs > 0
+        elbo = make_elbo(config.elbo, config.num_particles, info, config.tc_beta, config.tc_estimator)
         step = SVIStep(
-            model, guide, make_elbo(config.elbo, config.num_particles, info, config.tc_beta, config.tc_estimator),
-            make_optimizers(params, modules, config.lr, config.local_lr), params,
+            model, guide, elbo, make_optimizers(params, modules, config.lr, config.local_lr), params,
             kl_weight=KLWeight(config.beta) if weighted else None, validate=config.validate,
             sync=GradientSync(params, [] if tables is None else guide.fn.row_tables()) if world.distributed else None,
+            tape=not world.distributed and _use_tape(config, model, guide, elbo),
         )
     if world.distributed:  # every rank starts from rank 0's weights, then draws noise of its own
         world.broadcast([p for p in params if p not in tables] if tables is not None else params)
@@ -497,6 +507,17 @@ def as_dataset(data) -> Dataset:
         if x.is_floating_point() and not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
             raise ValueError(f"the {split} split of {data.name!r} holds NaN or infinite values")
     return data
+
+
+def _use_tape(config: FitConfig, model: Program, guide: Program, elbo) -> bool:
+    """Whether the step records its objective and replays it: reparameterized guides (ReparamELBO), no
+    validation in every step, no auxiliary objective (whose gradients are taken inside the guide), and
+    programs that declare the same operations on every batch, or ``tape="always"``."""
+    if config.tape == "never" or config.validate or not isinstance(elbo, ReparamELBO):
+        return False
+    if isinstance(guide.fn, AuxiliaryObjective):
+        return False
+    return config.tape == "always" or (is_static(model) and is_static(guide))
 
 
 def _check_data_fits_likelihood(model, data: Dataset) -> None:

@@ -18,7 +18,7 @@ import torch
 from helpers import assert_close
 
 from pvae import cli
-from pvae.compare import CompareConfig, Comparison, compare_inference, optimize_local
+from pvae.compare import CompareConfig, Comparison, common_noise, compare_inference, optimize_local
 from pvae.estimate import Estimate
 from pvae.guides import LocalFamily, inverse_softplus, mlp_guide, model_sites
 from pvae.models import LinearGaussian
@@ -26,8 +26,8 @@ from pvae.reports import CREMER_2018, comparison_markdown, comparison_table, cre
 from pvae.run import write_comparison
 
 P, D, SIGMA = 6, 3, 0.5
-# the optimization stops on a plateau of a noisy bound: q* ends within about 1e-3 nats of its
-# optimum (measured: 3e-4), a bias the Monte Carlo standard errors do not include
+# q* stops when a full L-BFGS step gains less than 1e-6 of the bound: within about 1e-4 nats of its
+# optimum, a bias the Monte Carlo standard errors do not include
 OPTIMIZATION_SLACK = 0.01
 
 
@@ -79,45 +79,68 @@ def closed_form_kl_to_posterior(model, encoder, x) -> torch.Tensor:
     return 0.5 * (trace + quad - D - torch.logdet(precision) - (scale**2).log().sum(-1))
 
 
-FAST = dict(batch_size=30, particles=100, elbo_particles=2000, iwae_samples=2000, chunk_size=1000,
+FAST = dict(batch_size=30, particles=16, elbo_particles=2000, iwae_samples=2000, chunk_size=1000,
             refine_steps=(1, 20), refine_lr=0.005)  # the lr: below 2 / (largest posterior precision)
 
 
 def test_q_star_reaches_the_exact_mean_field_optimum():
-    """From the prior, q*'s means reach the posterior means and its scales 1 / sqrt(Lambda_dd),
-    within 5% of each posterior standard deviation (measured errors: about 2%)."""
+    """From the prior, q*'s means reach the posterior means and its scales 1 / sqrt(Lambda_dd) within
+    1% of each posterior standard deviation (measured: 0.6% and 0.3%, float32 and the stopping rule),
+    from only 8 draws per datapoint: on a Gaussian posterior the ELBO over antithetic, moment-matched
+    draws is the exact ELBO."""
     model, x = linear_gaussian(correlated_W(), 20)
     mean, precision = model.posterior(x)
-    q_star, steps = optimize_local(model, x, LocalFamily(model_sites(model, x)), num_particles=100)
+    q_star, iterations = optimize_local(model, x, LocalFamily(model_sites(model, x)), num_particles=8)
     loc, scale = q_star["z"]["loc"], q_star["z"]["scale"]
     optimal_scale = precision.diag().rsqrt().expand_as(scale)
-    assert steps < 3000, "the bound never stopped improving"
-    assert_close(loc, mean, atol=0.05 * optimal_scale.min().item(), msg="q* means")
-    assert_close(scale, optimal_scale, rtol=0.05, msg="q* scales")
+    assert iterations.shape == (20,) and iterations.max() < 60, "L-BFGS should converge in tens of iterations"
+    assert_close(loc, mean, atol=0.01 * optimal_scale.min().item(), msg="q* means")
+    assert_close(scale, optimal_scale, rtol=0.01, msg="q* scales")
+
+
+def test_common_noise_matches_the_standard_normal_moments_exactly():
+    """Per datapoint: mean 0, second moments the identity, third moments 0 (antithetic pairs)."""
+    noise = common_noise(12, 5, 3, torch.Generator().manual_seed(1))  # 6 pairs > 3 dimensions: whitened
+    assert noise.shape == (12, 5, 3)
+    assert_close(noise.mean(0), 0.0, atol=1e-6, msg="means")
+    assert_close(torch.einsum("sbi,sbj->bij", noise, noise) / 12, torch.eye(3).expand(5, 3, 3), atol=1e-5,
+                 msg="second moments")
+    assert_close(noise.pow(3).mean(0), 0.0, atol=1e-6, msg="third moments")
+    few = common_noise(4, 5, 3)  # 2 pairs, fewer than the dimensions: per dimension only
+    assert_close(few.pow(2).mean(0), 1.0, atol=1e-6, msg="variances")
+    assert common_noise(5, 2, 1).shape[0] == 6, "rounded up to pairs"
 
 
 @pytest.mark.parametrize("make_W, gap_is_zero", [(orthogonal_W, True), (correlated_W, False)], ids=["orthogonal", "correlated"])
 def test_gaps_match_the_closed_form_on_the_linear_gaussian_model(make_W, gap_is_zero):
     """Tolerances: 4 standard errors over datapoints (a chance failure about once in 16,000 runs per
-    check) plus the optimization slack above."""
+    check) plus the optimization slack above; and, below log p(x), the importance-weighted bound's own
+    bias. With orthogonal columns q* is the posterior and the weights are constant: no bias. With
+    correlated ones q*'s variances, 1 / Lambda_dd, are 2.5 to 4 times below the posterior's marginal
+    variances, the weights have no finite variance, and at K = 2000 log p̂(x) falls 0.03 to 0.12 nats
+    below log p(x) (6 repeats with the exact q*, measured): the measured approximation gap is short by
+    as much, and only L[q*], which needs no importance sampling, is held to the closed form tightly."""
     model, x = linear_gaussian(make_W(), 30)
     encoder = linear_encoder(model, perturbation=0.05)
     expected_approximation = closed_form_approximation_gap(model)
     kl_encoder = closed_form_kl_to_posterior(model, encoder, x)
     result = compare_inference(model, x, encoder, CompareConfig(init="prior", **FAST))
+    iwae_bias = 0.0 if gap_is_zero else 0.2
 
     if gap_is_zero:
         assert_close(expected_approximation, 0.0, atol=1e-5, msg="orthogonal columns: Lambda is diagonal")
     else:
         assert expected_approximation > 0.05, "the correlated case should have a gap worth measuring"
     gap = result.approximation_gap
-    assert_close(gap.mean, expected_approximation, atol=4 * gap.se + OPTIMIZATION_SLACK, msg="approximation gap")
+    tolerance = 4 * gap.se + OPTIMIZATION_SLACK
+    assert expected_approximation - tolerance - iwae_bias <= gap.mean <= expected_approximation + tolerance, (
+        f"approximation gap {gap} against {expected_approximation:.3f}")
     # L[q*] against the exact evidence, which needs no importance sampling
     exact_log_px = model.log_prob(x).mean()
     # the Monte Carlo noise of L[q*] and log p(x) is what the gap's standard error measures
-    assert_close(result.elbo_q_star.mean, exact_log_px - expected_approximation,
-                 atol=4 * gap.se + OPTIMIZATION_SLACK, msg="L[q*]")
-    assert_close(result.log_px.mean, exact_log_px, atol=4 * gap.se + OPTIMIZATION_SLACK, msg="log p(x)")
+    assert_close(result.elbo_q_star.mean, exact_log_px - expected_approximation, atol=tolerance, msg="L[q*]")
+    assert exact_log_px - tolerance - iwae_bias <= result.log_px.mean <= exact_log_px + tolerance, (
+        f"log p(x) {result.log_px} against {exact_log_px:.3f}")
 
     amortization = result.amortization_gap
     expected_amortization = (kl_encoder - expected_approximation).mean()
@@ -167,7 +190,7 @@ def test_pvae_compare_on_trained_runs(tmp_path, capsys):
         code = cli.main(["train", "--guide", guide, "--epochs", "1", "--hidden", "16", "--latent-dim", "2",
                          "--out", str(runs[guide]), "--no-progress", "--no-figures"])
         assert code == 0
-    tiny = ["--max-datapoints", "12", "--batch-size", "6", "--particles", "8", "--max-steps", "30", "--window", "5",
+    tiny = ["--max-datapoints", "12", "--batch-size", "6", "--particles", "8", "--max-steps", "30",
             "--refine-steps", "1", "3", "--elbo-particles", "16", "--iwae-samples", "32", "--no-progress"]
     assert cli.main(["compare", str(runs["amortized"]), *tiny, "--curves", str(runs["mean-field"])]) == 0
     out = capsys.readouterr().out

@@ -42,7 +42,7 @@ def run(tmp_path_factory):
                      "--report"]) == 0
         assert main(["evaluate", str(folder), "--max-datapoints", "40", "--samples", "50", "--no-progress"]) == 0
         assert main(["compare", str(folder), "--max-datapoints", "4", "--particles", "4", "--max-steps", "20",
-                     "--window", "5", "--elbo-particles", "8", "--iwae-samples", "16", "--chunk-size", "16",
+                     "--elbo-particles", "8", "--iwae-samples", "16", "--chunk-size", "16",
                      "--refine-steps", "2", "--no-progress"]) == 0
         assert main(["plot", str(folder), "--all"]) == 0
     return folder

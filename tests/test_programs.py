@@ -318,7 +318,7 @@ def test_two_layer_hierarchy_q_star_and_its_approximation_gap_have_closed_forms(
     mean, precision = model.posterior(x)
     family = LocalFamily(model_sites(model, x))
     assert [s.name for s in family.sites] == ["z1", "z2"]
-    q_star, steps = optimize_local(model, x, family, num_particles=100)
+    q_star, _ = optimize_local(model, x, family, num_particles=16)
     loc = torch.cat([q_star["z1"]["loc"], q_star["z2"]["loc"]], -1)
     scale = torch.cat([q_star["z1"]["scale"], q_star["z2"]["scale"]], -1)
     optimal_scale = precision.diag().rsqrt().expand_as(scale)
@@ -326,7 +326,7 @@ def test_two_layer_hierarchy_q_star_and_its_approximation_gap_have_closed_forms(
     assert_close(scale, optimal_scale, rtol=0.06, msg="q* scales")
     gap = 0.5 * (precision.diag().log().sum() - torch.logdet(precision))
     assert gap > 0.1, "the hierarchy's posterior should be correlated enough to have a gap"
-    config = CompareConfig(init="prior", batch_size=24, particles=100, elbo_particles=2000, iwae_samples=2000,
+    config = CompareConfig(init="prior", batch_size=24, particles=16, elbo_particles=2000, iwae_samples=2000,
                            chunk_size=1000)
     result = compare_inference(model, x, None, config)
     measured = result.approximation_gap
@@ -444,7 +444,7 @@ def test_the_three_guides_built_from_a_hierarchical_model_fit_and_compare(digits
         assert elbos[-1] > elbos[0] + 1, (name, elbos)
         assert result.info.local == ("top", "bottom")
     assert elbos[-1] > -64 * math.log(2), "the semi-amortized fit should beat coin flips"
-    tiny = CompareConfig(batch_size=10, particles=8, max_steps=20, window=5, elbo_particles=16, iwae_samples=32,
+    tiny = CompareConfig(batch_size=10, particles=8, max_steps=20, elbo_particles=16, iwae_samples=32,
                          refine_steps=(1, 3), refine_lr=0.002)
     result = compare_inference(model, digits.batch("test", slice(0, 10)), guides["amortized"], tiny)
     assert sorted(result.elbo_q_k) == [1, 3] and "top continuous (2,), bottom continuous (4,)" in result.settings["family"]
@@ -514,7 +514,7 @@ def test_pvae_evaluate_and_compare_read_run_folders_written_by_fit(tmp_path, cap
              factory=f"{factory}:build")
     assert cli.main(["evaluate", str(run), "--samples", "30", "--max-datapoints", "20", "--no-progress"]) == 0
     assert cli.main(["compare", str(run), "--max-datapoints", "6", "--batch-size", "6", "--particles", "4",
-                     "--max-steps", "10", "--window", "5", "--refine-steps", "1", "--elbo-particles", "8",
+                     "--max-steps", "10", "--refine-steps", "1", "--elbo-particles", "8",
                      "--iwae-samples", "8", "--no-progress", "--no-figures"]) == 0
     assert (run / "evaluation-test.json").is_file() and (run / "compare-test.json").is_file()
     loaded = load_run(run)
@@ -548,7 +548,7 @@ def test_the_gap_study_keeps_a_models_pyro_params_and_serves_global_sites():
     pvae.fit(model, guide, x, pvae.FitConfig(epochs=40, batch_size=50, lr=0.2, **QUIET))
     fitted = pyro.param("shift").detach().clone()
     assert_close(fitted, 5.0, atol=0.5)
-    tiny = CompareConfig(batch_size=20, particles=8, max_steps=20, window=5, elbo_particles=16, iwae_samples=32,
+    tiny = CompareConfig(batch_size=20, particles=8, max_steps=20, elbo_particles=16, iwae_samples=32,
                          refine_steps=(1,), refine_lr=0.001)
     result = compare_inference(model, x[:20], guide, tiny)
     assert torch.equal(pyro.param("shift").detach(), fitted)

@@ -73,7 +73,7 @@ def test_the_cli_trains_evaluates_and_compares_two_layers_and_flow_guides(tmp_pa
         run = tmp_path / name
         assert main(["train", *flags, "--epochs", "1", "--out", str(run), "--no-progress"]) == 0
         assert main(["evaluate", str(run), "--samples", "30", "--max-datapoints", "20", "--no-progress"]) == 0
-        assert main(["compare", str(run), "--max-datapoints", "6", "--max-steps", "20", "--window", "10",
+        assert main(["compare", str(run), "--max-datapoints", "6", "--max-steps", "20",
                      "--particles", "4", "--refine-steps", "1", "--elbo-particles", "20", "--iwae-samples", "30",
                      "--no-progress", "--no-figures"]) == 0
         comparison = json.loads((run / "compare-test.json").read_text())

@@ -1,0 +1,248 @@
+"""The training objective of a static program, recorded once and replayed: Pyro's bookkeeping paid once.
+
+Each step of SVI runs the model and the guide through Pyro's effect handlers (plates, scaling,
+tracing, replay), which costs as much Python as a small network's whole forward pass. For programs
+whose tensor operations are the same on every batch of a given shape, a :class:`Tape` records the
+operations of one run of the objective at the level of torch functions (``F.linear``, ``softplus``,
+``Tensor.sum``, the random ``normal_`` of a reparameterized draw, ...) and replays them on later
+batches: the same operations in the same order on the new batch's tensors, with fresh random draws
+and the parameters' current values (they are read by reference), hence the same value and gradient
+as the objective itself, without running the programs.
+
+What a program must do to be recorded (:class:`~pvae.protocols.StaticProgram`): the same operations
+for every batch of a shape, i.e. no Python branch on tensor values, no Python randomness, no state
+that changes from step to step. pvae's own models and guides declare this; a program of yours is
+recorded only when you say so (``FitConfig(tape="always")``). A recording that meets what replaying
+would get wrong falls back to the plain objective: a tensor value read into Python
+(``.item()``, ``bool(t)``, ``.tolist()``), a computed tensor that did not come from a recorded
+operation (one kept from an earlier step), a first replay whose value differs from a plain run's,
+an operation that fails when replayed.
+
+A tape is keyed by the batch's shapes, dtypes and devices, its size in the data set and its split,
+and the KL weight: a new key is recorded the second time it is seen in a row (so that a weight that
+changes every step, during KL warm-up, never is) and replayed after that.
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+# functions whose non-tensor results depend on shapes, types and devices only, never on values
+_METADATA = frozenset({
+    "shape", "size", "dim", "ndim", "ndimension", "numel", "nelement", "dtype", "device", "layout",
+    "requires_grad", "is_leaf", "grad_fn", "is_floating_point", "is_complex", "is_contiguous", "is_sparse",
+    "is_cuda", "is_inference", "stride", "storage_offset", "element_size", "__len__", "__hash__", "names",
+    "_version",
+})
+MAX_TAPES = 4  # keys kept at once (a full batch and the last, smaller one, per split)
+
+
+def _name(func) -> str:
+    owner = getattr(func, "__self__", None)  # a property's getter: Tensor.shape.__get__
+    if getattr(func, "__name__", None) == "__get__" and owner is not None:
+        return getattr(owner, "__name__", "")
+    return getattr(func, "__name__", "")
+
+
+@dataclass
+class _Call:
+    """One recorded torch function call. Arguments are kept as given, with None where a recorded tensor
+    goes (``arg_slots``, ``kw_slots``); arguments that nest recorded tensors in containers are kept
+    flattened (``spec``, a pytree spec of ``(args, kwargs)`` whose leaves are ``args``)."""
+
+    func: Callable
+    args: list
+    kwargs: dict
+    grad: bool  # whether autograd was on (a program may run parts under torch.no_grad)
+    spec: object = None
+    arg_slots: list = field(default_factory=list)  # (position, slot) of each recorded tensor argument
+    kw_slots: list = field(default_factory=list)  # (name, slot)
+    outputs: list = field(default_factory=list)  # slot of each tensor output, in tree order
+    single: bool = False  # the output is one tensor
+
+
+_FOLDED = frozenset({"tensor", "as_tensor", "scalar_tensor"})  # constants made from Python numbers
+
+
+def _holds_tensor(value) -> bool:
+    return isinstance(value, (list, tuple, dict)) and any(isinstance(v, torch.Tensor) for v in tree_flatten(value)[0])
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, inputs: list):
+        super().__init__()
+        self.slot_of = {id(t): i for i, t in enumerate(inputs)}
+        self.alive = list(inputs)  # holds every recorded tensor, so that ids are not reused
+        self.folded = {}  # id -> constant tensors made from Python numbers, computed once
+        self.calls = []
+        self.problem = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.problem is None:
+            self._record(func, args, kwargs, out)
+        return out
+
+    def _record(self, func, args, kwargs, out) -> None:
+        name = _name(func)
+        structured = any(_holds_tensor(a) for a in args) or any(_holds_tensor(v) for v in kwargs.values())
+        if structured:
+            leaves, spec = tree_flatten((args, kwargs))
+            call = _Call(func, list(leaves), {}, torch.is_grad_enabled(), spec)
+            places = [(i, leaf, call.arg_slots) for i, leaf in enumerate(leaves)]
+        else:
+            call = _Call(func, list(args), dict(kwargs), torch.is_grad_enabled())
+            places = [(i, a, call.arg_slots) for i, a in enumerate(args)]
+            places += [(k, v, call.kw_slots) for k, v in kwargs.items()]
+        uses_tensors = False
+        for where, value, slots in places:
+            if not isinstance(value, torch.Tensor):
+                continue
+            uses_tensors = True
+            slot = self.slot_of.get(id(value))
+            if slot is not None:
+                (call.args if slots is call.arg_slots else call.kwargs)[where] = None
+                slots.append((where, slot))
+            elif id(value) in self.folded and (name.endswith("_") or name == "__setitem__") and where == 0:
+                self.problem = f"{name} writes into a constant tensor in place"
+                return
+            elif value.grad_fn is not None:
+                self.problem = (f"{name} takes a tensor computed by an operation that was not recorded "
+                                "(a tensor kept from an earlier step?)")
+                return
+        if name in _METADATA:
+            return  # a function of shapes: the key fixes them
+        out_leaves = [out] if isinstance(out, torch.Tensor) else tree_flatten(out)[0]
+        tensors = [t for t in out_leaves if isinstance(t, torch.Tensor)]
+        if uses_tensors and not tensors and out is not None:
+            self.problem = f"{name} reads a tensor's values into Python"
+            return
+        if not uses_tensors and name in _FOLDED and isinstance(out, torch.Tensor) and not out.requires_grad:
+            self.folded[id(out)] = out  # the same constant every time: made once, used by reference
+            return
+        for t in tensors:
+            if id(t) not in self.slot_of:
+                self.slot_of[id(t)] = len(self.alive)
+                self.alive.append(t)
+            call.outputs.append(self.slot_of[id(t)])
+        call.single = isinstance(out, torch.Tensor)
+        self.calls.append(call)
+
+
+class _Recording:
+    """A replayable list of calls: inputs in slots ``0..n-1``, the result in slot ``result``."""
+
+    def __init__(self, calls: list, num_slots: int, result: int):
+        self.calls, self.num_slots, self.result = calls, num_slots, result
+        self.verified = False
+
+    def replay(self, inputs: list) -> torch.Tensor:
+        values = list(inputs) + [None] * (self.num_slots - len(inputs))
+        for call in self.calls:
+            args, kwargs = call.args, call.kwargs
+            if call.arg_slots:
+                args = args.copy()
+                for i, slot in call.arg_slots:
+                    args[i] = values[slot]
+            if call.kw_slots:
+                kwargs = kwargs.copy()
+                for k, slot in call.kw_slots:
+                    kwargs[k] = values[slot]
+            if call.spec is not None:
+                args, kwargs = tree_unflatten(args, call.spec)
+            if call.grad:
+                out = call.func(*args, **kwargs)
+            else:
+                with torch.no_grad():
+                    out = call.func(*args, **kwargs)
+            if call.single:
+                values[call.outputs[0]] = out
+            elif call.outputs:
+                tensors = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+                for slot, t in zip(call.outputs, tensors):
+                    values[slot] = t
+        return values[self.result]
+
+
+def record(fn: Callable, inputs: list) -> tuple:
+    """``(fn(*inputs), recording, problem)``: one run of ``fn`` with its torch operations recorded; the
+    recording is None, and ``problem`` says why, where a replay would differ (see the module
+    docstring). ``fn`` must return one tensor."""
+    recorder = _Recorder(inputs)
+    with recorder:
+        result = fn(*inputs)
+    problem = recorder.problem
+    if problem is None and (not isinstance(result, torch.Tensor) or id(result) not in recorder.slot_of):
+        problem = "the objective's value did not come from a recorded operation"
+    if problem is not None:
+        return result, None, problem
+    return result, _Recording(recorder.calls, len(recorder.alive), recorder.slot_of[id(result)]), None
+
+
+class Tape:
+    """Runs an objective plainly, or replays its recording, per key (see the module docstring).
+
+    The first replay of each recording is checked: the objective runs plainly (without gradients)
+    from the same random state, and a value that differs turns the tape off.
+
+    :param on_problem: called once with the reason when the tape turns off; from then on every call
+        runs the objective.
+    """
+
+    def __init__(self, on_problem: Optional[Callable] = None):
+        self.on_problem = on_problem
+        self.recordings = {}  # key -> _Recording, most recently used last
+        self.last_key = None
+        self.off = False
+
+    def __call__(self, fn: Callable, key, inputs: list) -> torch.Tensor:
+        """``fn(*inputs)``, or its replay. ``fn`` reads tensors from ``inputs`` only; everything else
+        it depends on must be in ``key``."""
+        if self.off:
+            return fn(*inputs)
+        recording = self.recordings.get(key)
+        if recording is None:
+            if key != self.last_key:  # the first time in a row: run plainly, record if it comes again
+                self.last_key = key
+                return fn(*inputs)
+            result, recording, problem = record(fn, inputs)
+            if recording is None:
+                self._turn_off(problem)
+            else:
+                self.recordings[key] = recording
+                while len(self.recordings) > MAX_TAPES:
+                    self.recordings.pop(next(iter(self.recordings)))
+            return result
+        self.recordings[key] = self.recordings.pop(key)  # most recently used
+        self.last_key = key
+        if recording.verified:
+            return recording.replay(inputs)
+        devices = [t.device for t in inputs if t.device.type == "cuda"][:1]
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            expected = fn(*inputs)
+        try:
+            result = recording.replay(inputs)
+        except Exception as e:  # noqa: BLE001 - any failure of a replay means: run the programs instead
+            self._turn_off(f"replaying it failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+            return fn(*inputs)
+        if not torch.allclose(result.detach(), expected, rtol=1e-5, atol=1e-6, equal_nan=True):
+            self._turn_off(f"a replay gave {result.item():.6g} where the programs give {expected.item():.6g} "
+                           "(do they branch on the data's values?)")
+            return fn(*inputs)
+        recording.verified = True
+        return result
+
+    def _turn_off(self, problem: str) -> None:
+        self.off = True
+        self.recordings.clear()
+        if self.on_problem is not None:
+            self.on_problem(problem)
+
+
+def tensor_key(tensors) -> tuple:
+    """The shapes, dtypes and devices of ``tensors``: what a recording depends on."""
+    return tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
