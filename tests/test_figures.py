@@ -19,6 +19,7 @@ from torch import nn
 import pvae
 from pvae import figures, plots
 from pvae.cli import main
+from pvae.autoencoding import PCA
 from pvae.codec import ProgramCodec
 from pvae.figures import FIGURES, snapshot_epochs
 from pvae.guides import AmortizedGuide, mlp_guide
@@ -259,28 +260,11 @@ def test_exact_posterior_draws_are_split_into_the_models_sites():
     assert_close(export.posterior["z2"].values[0].mean(0), mean[:, 2:], atol=0.04, msg="z2")
 
 
-class PCA:
-    """A codec that is not a Pyro program: PCA of the training images, as the model-zoo's baseline will be."""
-
-    def __init__(self, x, d):
-        self.mean = x.mean(0)
-        self.basis = torch.linalg.svd(x - self.mean, full_matrices=False)[2][:d]
-
-    def encode(self, x):
-        return (x - self.mean) @ self.basis.T
-
-    def decode(self, z):
-        return z @ self.basis + self.mean
-
-    def reconstruct(self, x):
-        return self.decode(self.encode(x))
-
-
 def test_interpolation_takes_other_codecs_as_rows(trained, tmp_path):
     model, guide, data = trained
-    assert isinstance(PCA(data.train, 2), pvae.protocols.Codec)
+    assert isinstance(PCA(2).fit(data.train), pvae.protocols.Codec)
     path = figures.interpolation(model, guide, data, tmp_path / "i.png", pair=(3, 7), steps=6,
-                                 others={"PCA, d = 2": PCA(data.train, 2), "PCA, d = 8": PCA(data.train, 8)})
+                                 others={"PCA, d = 2": PCA(2).fit(data.train), "PCA, d = 8": PCA(8).fit(data.train)})
     image = pixels(path)
     _, h = grid_px(4, 6)  # data, VAE, two PCA rows
     assert image.shape[0] == plots.TITLE_PX + h + plots.MARGIN_PX
