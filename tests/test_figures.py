@@ -5,6 +5,8 @@ readings of the programs they rest on (codes, decoded means, prior samples, quan
 import base64
 import json
 import math
+import os
+import stat
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -141,6 +143,9 @@ def test_the_report_is_self_contained_and_embeds_every_figure(run):
         assert kind == f"data:image/{Path(name).suffix[1:]}"
         assert base64.b64decode(data) == (run / name).read_bytes()
     assert not parser.external
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((run / "report.html").stat().st_mode) == 0o666 & ~umask, "as open() would make it"
     for section in ('id="metrics"', 'id="config"', 'id="evaluation-test"', 'id="compare-test"', 'id="figures"'):
         assert section in text
     final = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
