@@ -182,22 +182,33 @@ def reconstruction_errors(data: Dataset, latent_dims: Sequence[int] = (2, 8, 32)
     return ReconstructionErrors(errors, coders, settings)
 
 
+@dataclass
+class DenoisingErrors:
+    """What :func:`denoising_errors` measured: ``errors[label]``, ``{"ae": Estimate, "dae": Estimate}``
+    for each corruption, and the fitted ``coders``: ``"ae"``, the plain autoencoder, and each
+    corruption's label, its denoising autoencoder."""
+
+    errors: dict
+    coders: dict = field(default_factory=dict, repr=False)
+
+
 def denoising_errors(data: Dataset, corruptions: dict, latent_dim: int = 8, config: Optional[CoderConfig] = None,
-                     split: str = "test") -> dict:
+                     split: str = "test") -> DenoisingErrors:
     """For each ``{label: corruption}``: the squared error per image with which a plain autoencoder and a
-    denoising one, trained with that corruption, restore the clean ``split`` images from corrupted ones,
-    ``{label: {"ae": Estimate, "dae": Estimate}}``. The corrupted images are the same draws for both."""
+    denoising one, trained with that corruption, restore the clean ``split`` images from corrupted ones.
+    The corrupted images are the same draws for both (a generator seeded by ``config.seed + i`` for the
+    i-th corruption)."""
     config = config or CoderConfig()
     x, _ = data.split(split)
     plain = fit_autoencoder(data, latent_dim, config)
-    out = {}
+    errors, coders = {}, {"ae": plain}
     for i, (label, corruption) in enumerate(corruptions.items()):
-        denoising = fit_autoencoder(data, latent_dim, config, corruption)
-        out[label] = {
+        coders[label] = denoising = fit_autoencoder(data, latent_dim, config, corruption)
+        errors[label] = {
             name: reconstruction_error(coder, x, corruption, torch.Generator(x.device).manual_seed(config.seed + i))
             for name, coder in (("ae", plain), ("dae", denoising))
         }
-    return out
+    return DenoisingErrors(errors, coders)
 
 
 # ----------------------------------------------------------------------------- sampling a code space

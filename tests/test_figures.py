@@ -374,3 +374,118 @@ def test_a_mean_field_guide_shows_its_training_rows_as_it_saw_them(tmp_path):
     assert [p.name for p in written] == ["reconstructions.png", "psis-train.png"]
     with pytest.raises(ValueError, match="training rows only"):
         figures.FigureContext(model, guide, data, split="test")
+
+
+# ----------------------------------------------------------------------------- coders side by side
+
+
+@pytest.fixture(scope="module")
+def side_by_side():
+    """Tiny coders on the grey digits, two epochs each: PCA, autoencoders and VAEs at latent sizes 2
+    and 4, denoising autoencoders for masking with p = 0.5 and 0.9."""
+    from pvae.autoencoding import CoderConfig, fit_autoencoder, fit_vae
+    from pvae.guides import MaskingNoise
+
+    set_seed(0)
+    data = pvae.load_dataset("digits")
+    config = CoderConfig(hidden=(16,), epochs=2, lr=1e-2)
+    coders = {f"{name}{d}": build(d) for d in (2, 4) for name, build in (
+        ("pca", lambda d: PCA(d).fit(data.train)), ("ae", lambda d: fit_autoencoder(data, d, config)),
+        ("vae", lambda d: fit_vae(data, d, config)))}
+    for p in (0.5, 0.9):
+        coders[f"dae{p}"] = fit_autoencoder(data, 4, config, MaskingNoise(p))
+    return data, coders
+
+
+def cells(path, labels, ncol: int, shape=SHAPE) -> torch.Tensor:
+    """The images of an :func:`plots.image_rows` figure of one block (``len(labels)`` rows of ``ncol``), read
+    back from its pixels: ``(rows, ncol, P)`` in [0, 1], each image pixel from the centre of its magnified square."""
+    image = pixels(path)
+    _, h, w = shape
+    s = plots.scale_for(shape)
+    left = plots.MARGIN_PX + plots.CHAR_PX * max(map(len, labels)) + 10
+    _, height = grid_px(len(labels), ncol, shape)
+    width, _ = grid_px(1, ncol, shape)
+    assert image.shape == (plots.TITLE_PX + height + plots.MARGIN_PX, left + width + plots.MARGIN_PX)
+    assert_not_blank(image, Path(path).name)
+    centre = np.arange(h) * s + s // 2
+    out = np.empty((len(labels), ncol, h, w))
+    for r in range(len(labels)):
+        for k in range(ncol):
+            top, lft = plots.TITLE_PX + (1 + r * (h + 1)) * s, left + (1 + k * (w + 1)) * s
+            out[r, k] = image[top + centre][:, lft + np.arange(w) * s + s // 2]
+    return torch.as_tensor(out / 255, dtype=torch.float32).reshape(len(labels), ncol, -1)
+
+
+SHOWN = 2 / 255  # a grey level in [0, 1] drawn through the 256-level grey colormap and read back
+
+
+def assert_rows(path, expected: list, ncol: int) -> None:
+    """Each row of the figure at ``path`` shows the images of ``expected`` ``[(label, (ncol, P))]``, in order,
+    and no two rows look alike, so that rows drawn in another order would fail."""
+    shown_rows = cells(path, [label for label, _ in expected], ncol)
+    for (label, images), row in zip(expected, shown_rows):
+        assert_close(row, images.clip(0, 1), atol=SHOWN, msg=f"row {label!r}")
+    for i in range(len(expected)):
+        for j in range(i):
+            assert (expected[i][1].clip(0, 1) - expected[j][1].clip(0, 1)).abs().max() > 10 * SHOWN, (i, j)
+
+
+def test_pca_the_autoencoder_and_the_vae_reconstruct_the_same_images_row_by_row(side_by_side, tmp_path):
+    data, c = side_by_side
+    x = data.test[:6]
+    coders = {"PCA, d = 2": c["pca2"], "AE, d = 2": c["ae2"], "VAE, d = 2": c["vae2"], "PCA, d = 4": c["pca4"],
+              "AE, d = 4": c["ae4"]}
+    path = figures.coder_reconstructions(coders, data, tmp_path / "r.png", n=6)
+    expected = [("data", x)] + [(label, coder.reconstruct(x)) for label, coder in coders.items()]
+    assert_rows(path, expected, 6)
+
+
+def test_an_autoencoders_codes_perturbed_and_sampled(side_by_side, tmp_path):
+    """The rows of the generation failures, drawn again here from the documented stream: one generator,
+    seeded once, draws each coder's N(0, 0.5²I) and N(0, I) noise and then its code-space sample."""
+    data, c = side_by_side
+    x, n = data.test[:5], 5
+    coders = {"d = 2": c["ae2"], "d = 4": c["ae4"]}
+    path = figures.generation_failures(coders, data, tmp_path / "g.png", n=n, seed=3)
+    g = torch.Generator().manual_seed(3)
+    expected = [("data", x)]
+    for label, coder in coders.items():
+        code = coder.encode(x)
+        expected.append((f"{label}: g(f(x))", coder.reconstruct(x)))
+        for s in (0.5, 1.0):
+            expected.append((f"{label}: z + N(0, {s:g}²I)", coder.decode(code + s * torch.randn(code.shape, generator=g))))
+        train = coder.encode(data.train)
+        z = train.mean(0) + train.std(0, correction=0) * torch.randn(code.shape, generator=g)
+        expected.append((f"{label}: z ~ N(μ̂, Σ̂)", coder.decode(z)))
+    assert_rows(path, expected, n)
+
+
+def test_the_denoising_figure_shows_inputs_corrupted_at_the_stated_rate(side_by_side, tmp_path):
+    """Masked rows read back from the figure: of the test pixels that are visibly grey, the share drawn
+    black is p within 5 standard errors (a failure rate below 1e-6 each), and every other one is the
+    original; each corruption's denoiser restores its own corrupted row."""
+    from pvae.guides import GaussianNoise, MaskingNoise
+
+    data, c = side_by_side
+    n = 16
+    x = data.test[:n]
+    denoisers = {"masking p = 0.5": (MaskingNoise(0.5), c["dae0.5"]), "masking p = 0.9": (MaskingNoise(0.9), c["dae0.9"]),
+                 "noise σ = 0.5": (GaussianNoise(0.5), c["ae4"])}
+    path = figures.denoising(denoisers, data, tmp_path / "d.png", plain=c["ae2"], n=n, seed=7)
+    expected = [("data", x)]
+    for i, (label, (corruption, coder)) in enumerate(denoisers.items()):
+        corrupted = corruption(x, torch.Generator().manual_seed(7 + i))
+        expected += [(label, corrupted), ("denoised by its DAE", coder.reconstruct(corrupted)),
+                     ("by the plain AE", c["ae2"].reconstruct(corrupted))]
+    assert_rows(path, expected, n)
+    shown_rows = cells(path, [label for label, _ in expected], n)
+    original = shown_rows[0]
+    grey = original > 0.1
+    for row, p in ((1, 0.5), (4, 0.9)):
+        masked = shown_rows[row]
+        black = (masked[grey] < SHOWN).double()
+        m = black.numel()
+        assert_close(black.mean(), p, atol=5 * math.sqrt(p * (1 - p) / m), msg=f"masking p = {p}: share of {m} pixels")
+        kept = masked > SHOWN
+        assert_close(masked[kept], original[kept], atol=SHOWN, msg="what is not masked is the original")
