@@ -489,3 +489,18 @@ def test_the_denoising_figure_shows_inputs_corrupted_at_the_stated_rate(side_by_
         assert_close(black.mean(), p, atol=5 * math.sqrt(p * (1 - p) / m), msg=f"masking p = {p}: share of {m} pixels")
         kept = masked > SHOWN
         assert_close(masked[kept], original[kept], atol=SHOWN, msg="what is not masked is the original")
+
+
+def test_the_vae_the_autoencoder_and_pca_interpolate_between_the_same_pair(side_by_side, tmp_path):
+    data, c = side_by_side
+    pair, steps = (3, 7), 6
+    vae = c["vae2"]
+    path = figures.interpolation(vae.model, vae.guide, data, tmp_path / "i.png", pair=pair, steps=steps,
+                                 label="VAE", others={"AE": c["ae2"], "PCA": c["pca2"]})
+    ends = data.test[list(pair)]
+    t = torch.linspace(0, 1, steps)[:, None]
+    expected = [("data", torch.cat([ends[:1], torch.ones(steps - 2, ends.shape[1]), ends[1:]]))]
+    for label, coder in (("VAE", vae), ("AE", c["ae2"]), ("PCA", c["pca2"])):
+        z = coder.encode(ends)
+        expected.append((label, coder.decode((1 - t) * z[0] + t * z[1])))
+    assert_rows(path, expected, steps)
