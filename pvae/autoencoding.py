@@ -1,11 +1,11 @@
-"""Autoencoders, PCA and VAEs side by side, through one interface (:class:`~pvae.protocols.Autoencoding`:
-``encode``, ``decode``, ``reconstruct``).
+"""Autoencoders, PCA and VAEs side by side, through one interface (:class:`~pvae.protocols.Codec`:
+``latent_dim``, ``encode``, ``decode``, ``reconstruct``).
 
 - :class:`PCA`: the baseline (scikit-learn's), whose codes are the projections of the centred data on
   the top principal axes; the optimum of the linear autoencoder spans the same subspace.
-- :class:`EncoderDecoder`: a model with ``decode(z)`` and an amortized guide with ``encode(x)``, as
-  codes: a VAE's (the code is the mean of q(z | x)) or an autoencoder's (the point mass,
-  :mod:`pvae.models.autoencoder`).
+- :class:`~pvae.codec.ProgramCodec`: any model with its guide, read from their traces: a VAE's code is
+  the mean of q(z | x), an autoencoder's the point mass (:mod:`pvae.models.autoencoder`), decoded to
+  the mean of the likelihood; :func:`fit_autoencoder` and :func:`fit_vae` return one.
 - :func:`reconstruction_error`: the squared error per image, summed over its pixels, of
   ``reconstruct(x)`` (or of a corrupted x's reconstruction, for denoising) against the clean x;
   :func:`reconstruction_errors` fits PCA, an autoencoder and a VAE at several latent sizes and
@@ -34,14 +34,15 @@ import torch
 
 from .data import Dataset
 from .estimate import Estimate
-from .protocols import Autoencoding
+from .codec import ProgramCodec
+from .protocols import Codec
 from .train import FitConfig, fit
 
 # ----------------------------------------------------------------------------- the coders
 
 
 class PCA:
-    """Principal component analysis by scikit-learn, as an :class:`~pvae.protocols.Autoencoding`:
+    """Principal component analysis by scikit-learn, as a :class:`~pvae.protocols.Codec`:
     ``encode(x) = (x - mean) U``, ``decode(z) = z U^T + mean`` with U the top ``latent_dim`` principal
     axes of the data it was fitted to. Its reconstruction error on those data is the variance they
     keep outside the axes, the least any rank-``latent_dim`` linear map achieves."""
@@ -81,40 +82,11 @@ class PCA:
         return self.decode(self.encode(x))
 
 
-class EncoderDecoder:
-    """A model and its amortized guide as an :class:`~pvae.protocols.Autoencoding`: the code of x is
-    the location of q(z | x) (the mean of a VAE's Gaussian q, an autoencoder's point mass), decoded
-    to the model's mean image. Both programs are used in evaluation mode (no denoising corruption).
-
-    :param model: has ``latent_dim`` and ``decode(z)`` (:class:`~pvae.models.VAE`,
-        :class:`~pvae.models.Autoencoder`).
-    :param guide: has ``encode(x) -> (loc, scale)`` (:class:`~pvae.guides.AmortizedGuide`).
-    """
-
-    def __init__(self, model, guide):
-        self.model, self.guide = model, guide
-        self.latent_dim = model.latent_dim
-        for module in (model, guide):
-            if isinstance(module, torch.nn.Module):
-                module.eval()
-
-    @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.guide.encode(x.reshape(x.shape[0], -1))[0]
-
-    @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.model.decode(z)
-
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
-
-
 # ----------------------------------------------------------------------------- reconstruction errors
 
 
 @torch.no_grad()
-def reconstruction_error(coder: Autoencoding, x: torch.Tensor, corruption: Optional[Callable] = None,
+def reconstruction_error(coder: Codec, x: torch.Tensor, corruption: Optional[Callable] = None,
                          generator: Optional[torch.Generator] = None) -> Estimate:
     """The squared error per image, :math:`\\lVert x - h(\\tilde x) \\rVert^2` summed over its pixels, mean
     over the datapoints ``x`` with its standard error; :math:`\\tilde x` is ``corruption(x, generator)``
@@ -144,7 +116,7 @@ class CoderConfig:
 
 
 def fit_autoencoder(data: Dataset, latent_dim: int, config: Optional[CoderConfig] = None,
-                    corruption: Optional[Callable] = None) -> EncoderDecoder:
+                    corruption: Optional[Callable] = None) -> ProgramCodec:
     """An MLP autoencoder (flat prior, point-mass encoder) fitted to ``data``'s training split; with a
     ``corruption``, a denoising one."""
     from pvae.guides import mlp_guide, point_mass
@@ -156,7 +128,7 @@ def fit_autoencoder(data: Dataset, latent_dim: int, config: Optional[CoderConfig
     return _fitted(model, guide, data, config)
 
 
-def fit_vae(data: Dataset, latent_dim: int, config: Optional[CoderConfig] = None) -> EncoderDecoder:
+def fit_vae(data: Dataset, latent_dim: int, config: Optional[CoderConfig] = None) -> ProgramCodec:
     """An MLP VAE (N(0, I) prior, Gaussian encoder) fitted to ``data``'s training split."""
     from pvae.guides import mlp_guide
     from pvae.models import FixedGaussian, mlp_vae
@@ -166,9 +138,12 @@ def fit_vae(data: Dataset, latent_dim: int, config: Optional[CoderConfig] = None
     return _fitted(model, mlp_guide(data.num_pixels, latent_dim, config.hidden), data, config)
 
 
-def _fitted(model, guide, data: Dataset, config: CoderConfig) -> EncoderDecoder:
+CONTEXT_ROWS = 64  # training rows a fitted coder traces its programs on (side inputs, the shape of x)
+
+
+def _fitted(model, guide, data: Dataset, config: CoderConfig) -> ProgramCodec:
     fit(model, guide, data, config.fit_config())
-    return EncoderDecoder(model, guide)
+    return ProgramCodec(model, guide, data.batch("train", slice(0, CONTEXT_ROWS)))
 
 
 @dataclass
@@ -207,22 +182,33 @@ def reconstruction_errors(data: Dataset, latent_dims: Sequence[int] = (2, 8, 32)
     return ReconstructionErrors(errors, coders, settings)
 
 
+@dataclass
+class DenoisingErrors:
+    """What :func:`denoising_errors` measured: ``errors[label]``, ``{"ae": Estimate, "dae": Estimate}``
+    for each corruption, and the fitted ``coders``: ``"ae"``, the plain autoencoder, and each
+    corruption's label, its denoising autoencoder."""
+
+    errors: dict
+    coders: dict = field(default_factory=dict, repr=False)
+
+
 def denoising_errors(data: Dataset, corruptions: dict, latent_dim: int = 8, config: Optional[CoderConfig] = None,
-                     split: str = "test") -> dict:
+                     split: str = "test") -> DenoisingErrors:
     """For each ``{label: corruption}``: the squared error per image with which a plain autoencoder and a
-    denoising one, trained with that corruption, restore the clean ``split`` images from corrupted ones,
-    ``{label: {"ae": Estimate, "dae": Estimate}}``. The corrupted images are the same draws for both."""
+    denoising one, trained with that corruption, restore the clean ``split`` images from corrupted ones.
+    The corrupted images are the same draws for both (a generator seeded by ``config.seed + i`` for the
+    i-th corruption)."""
     config = config or CoderConfig()
     x, _ = data.split(split)
     plain = fit_autoencoder(data, latent_dim, config)
-    out = {}
+    errors, coders = {}, {"ae": plain}
     for i, (label, corruption) in enumerate(corruptions.items()):
-        denoising = fit_autoencoder(data, latent_dim, config, corruption)
-        out[label] = {
+        coders[label] = denoising = fit_autoencoder(data, latent_dim, config, corruption)
+        errors[label] = {
             name: reconstruction_error(coder, x, corruption, torch.Generator(x.device).manual_seed(config.seed + i))
             for name, coder in (("ae", plain), ("dae", denoising))
         }
-    return out
+    return DenoisingErrors(errors, coders)
 
 
 # ----------------------------------------------------------------------------- sampling a code space
@@ -236,7 +222,7 @@ class Decoded(NamedTuple):
 
 
 @torch.no_grad()
-def perturbed_codes(coder: Autoencoding, x: torch.Tensor, scale: float,
+def perturbed_codes(coder: Codec, x: torch.Tensor, scale: float,
                     generator: Optional[torch.Generator] = None) -> Decoded:
     """The codes of ``x`` plus N(0, ``scale``^2 I) noise, and their images: how far from its data an
     autoencoder's decoder still draws digits."""
@@ -265,7 +251,7 @@ class CodeGaussian:
 
 
 @torch.no_grad()
-def sample_code_space(coder: Autoencoding, x: torch.Tensor, n: int,
+def sample_code_space(coder: Codec, x: torch.Tensor, n: int,
                       generator: Optional[torch.Generator] = None) -> Decoded:
     """``n`` codes drawn from the :class:`CodeGaussian` fitted to the codes of ``x`` (the training data),
     and their images."""

@@ -16,16 +16,21 @@ method.
 - **A prior sample** (:meth:`ProgramCodec.sample`): the model run alone, its local sites drawn from
   the prior, its global sites at the guide's centre; the observed site's mean, or a draw from it.
 
+The programs' modules are read in evaluation mode (``module.eval()``, as :func:`pvae.fit` leaves them;
+their modes are restored after each reading): a denoising autoencoder's encoder sees x uncorrupted.
+
 The observed site is the model's one observed site in the ``"data"`` plate, or, when it observes
 several (a label beside the image), the one whose value is the data x. Decoding runs the model on
 rows of a *context* batch (cycled to the number of codes): their side inputs (a conditional model's
 labels) and the shape of x come from there; the value x takes at the observed site does not enter
 the mean of its distribution.
 
-The :class:`~pvae.protocols.Codec` protocol (``encode``, ``decode``, ``reconstruct``) is what a
-figure asks of anything it puts beside a model: an autoencoder, PCA.
+A :class:`ProgramCodec` is a :class:`~pvae.protocols.Codec` (``latent_dim``, ``encode``, ``decode``,
+``reconstruct``), the interface that :mod:`pvae.autoencoding` and the figures that put coders side by
+side ask of a VAE, an autoencoder and PCA alike.
 """
 
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -93,6 +98,21 @@ def per_row(value: torch.Tensor, site: dict, event_dim: int) -> torch.Tensor:
     return value.movedim(axis, 0).reshape(value.shape[axis], -1)
 
 
+@contextmanager
+def evaluation_mode(*programs):
+    """The programs' modules (and their submodules) in evaluation mode, their modes restored after."""
+    from .svi import program_modules
+
+    modes = [(m, m.training) for p in programs for top in program_modules(p) for m in top.modules()]
+    for module, _ in modes:
+        module.training = False
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def cycle_rows(batch: Batch, n: int) -> Batch:
     """``n`` rows of ``batch``, taken in turn: the context of ``n`` decoded codes."""
     return batch.rows(torch.arange(n, device=batch.x.device) % len(batch))
@@ -117,7 +137,8 @@ class ProgramCodec:
         self.context = Batch.of(context)
         probe = self.context.rows(slice(0, 8))
         info = inspect_programs(self.model, self.guide, probe)  # checks the pair, sets up lazy guides
-        with torch.no_grad(), poutine.block():  # the model replayed on the guide: its prior may not sample
+        # the model replayed on the guide: its prior may not sample
+        with torch.no_grad(), poutine.block(), evaluation_mode(self.model, self.guide):
             guide_trace = run_traced(self.guide, probe, "guide")
             trace = run_traced(poutine.replay(self.model, trace=guide_trace), probe, "model")
         self.observed = observed_site(trace, probe.x, observed)
@@ -139,7 +160,7 @@ class ProgramCodec:
     def guide_values(self, batch) -> dict:
         """Every latent site of the guide at its centre for the rows of ``batch``."""
         batch = Batch.of(batch)
-        with torch.no_grad(), poutine.block():
+        with torch.no_grad(), poutine.block(), evaluation_mode(self.guide):
             trace = run_traced(AtCentre()(self.guide), batch, "guide")
         return {n: s["value"] for n, s in sample_sites(trace).items() if not s["is_observed"]}
 
@@ -196,7 +217,7 @@ class ProgramCodec:
         """``(B, P)``: the observed site's mean (or a draw) when the model runs on ``batch`` with the
         sites ``values`` fixed."""
         model = poutine.condition(self.model, data=values)
-        with poutine.block():
+        with poutine.block(), evaluation_mode(self.model):
             trace = run_traced(model, batch, "model")
         site = trace.nodes[self.observed]
         fn = site["fn"]

@@ -16,6 +16,11 @@ latent scatter, its animation during training and the decoded manifold.
   prior's quantile function (``quantiles=True``: Kingma & Welling 2013, figure 4).
 - :func:`interpolation`: decoded codes on the line between the codes of two test images, one row per
   model (an autoencoder's and PCA's rows plug in through ``others``, any :class:`~pvae.protocols.Codec`).
+- Coders side by side, any :class:`~pvae.protocols.Codec` (PCA, autoencoders, VAEs):
+  :func:`coder_reconstructions` (PCA against the autoencoder and the VAE at latent sizes 2, 8, 32),
+  :func:`generation_failures` (an autoencoder's codes perturbed by N(0, 0.5²I) and N(0, I) noise, and
+  drawn from the Gaussian fitted to its training codes) and :func:`denoising` (corrupted images and
+  what denoising autoencoders make of them).
 - :func:`training_curves`: train and test ELBO per epoch and per second, several runs on one axis.
 - :func:`posterior_densities`: q(z | x) of a few datapoints under the run's guide, the encoder's q
   refined by K gradient steps (semi-amortized), the optimal mean-field q* and, where the model has
@@ -163,6 +168,91 @@ def interpolation(model, guide, data: Dataset, path, pair: Sequence = (0, 1), st
     title = (f"from {split} image {pair[0]} to {pair[1]}: E[x | z] on the line between their codes "
              f"(data at both ends)")
     return plots.image_rows(images + rows, _image_shape(data), path, ncol=steps, title=title)
+
+
+# ----------------------------------------------------------------------------- coders side by side
+# Figures of several fitted coders at once (PCA, autoencoders, VAEs, denoising autoencoders: anything
+# with the Codec interface), each row labelled; examples/autoencoders.py draws them.
+
+
+def _first_rows(data: Dataset, split: str, n: int) -> torch.Tensor:
+    x = data.split(split)[0]
+    if x.shape[0] < n:
+        raise ValueError(f"the {split} split of {data.name} has {x.shape[0]} datapoints, fewer than the {n} to draw")
+    return x[:n].reshape(n, -1)
+
+
+def coder_reconstruction_rows(coders: dict, x: torch.Tensor) -> list:
+    """``[("data", x), (label, coder.reconstruct(x)), ...]`` for ``coders`` ``{label: Codec}``, in their order."""
+    return [("data", x)] + [(label, coder.reconstruct(x)) for label, coder in coders.items()]
+
+
+@torch.no_grad()
+def coder_reconstructions(coders: dict, data: Dataset, path, n: int = 12, split: str = "test",
+                          title: Optional[str] = None) -> Path:
+    """The first ``n`` images of ``split`` above their reconstructions by each coder, one row per entry of
+    ``coders`` ``{label: Codec}`` in its order: PCA against the autoencoder and the VAE at latent sizes
+    2, 8 and 32 (:func:`pvae.autoencoding.reconstruction_errors` fits them)."""
+    rows = coder_reconstruction_rows(coders, _first_rows(data, split, n))
+    title = title or f"{data.name}, {split} split: the same images reconstructed by each coder, g(f(x))"
+    return plots.image_rows(rows, _image_shape(data), path, ncol=n, title=title)
+
+
+def code_space_rows(coders: dict, x: torch.Tensor, train: torch.Tensor, scales: Sequence = (0.5, 1.0),
+                    seed: int = 0) -> list:
+    """The rows of :func:`generation_failures`: ``x``, then for each coder its reconstructions, the codes
+    of ``x`` plus N(0, s² I) for each s of ``scales`` (:func:`~pvae.autoencoding.perturbed_codes`) and as
+    many codes drawn from the Gaussian fitted to the codes of ``train``
+    (:func:`~pvae.autoencoding.sample_code_space`), decoded; one generator seeded by ``seed`` draws them
+    all, in that order."""
+    from .autoencoding import perturbed_codes, sample_code_space
+
+    g = torch.Generator(device=x.device).manual_seed(seed)
+    rows = [("data", x)]
+    for label, coder in coders.items():
+        rows.append((f"{label}: g(f(x))", coder.reconstruct(x)))
+        rows += [(f"{label}: z + N(0, {s:g}²I)", perturbed_codes(coder, x, s, g).images) for s in scales]
+        rows.append((f"{label}: z ~ N(μ̂, Σ̂)", sample_code_space(coder, train, len(x), g).images))
+    return rows
+
+
+@torch.no_grad()
+def generation_failures(coders: dict, data: Dataset, path, n: int = 8, scales: Sequence = (0.5, 1.0),
+                        seed: int = 0, split: str = "test") -> Path:
+    """Why an autoencoder is no generative model: for each coder of ``coders`` ``{label: Codec}`` (the
+    autoencoders of latent sizes 8, 16 and 32), the first ``n`` images of ``split`` reconstructed, their
+    codes perturbed by N(0, s² I) noise for each s of ``scales`` and decoded, and ``n`` codes drawn from
+    the diagonal Gaussian fitted to the codes of the training images, decoded (:func:`code_space_rows`)."""
+    rows = code_space_rows(coders, _first_rows(data, split, n), data.train.reshape(len(data.train), -1), scales, seed)
+    noise = " and ".join(f"N(0, {s:g}²I)" for s in scales)
+    title = (f"{data.name}: codes z = f(x) of {split} images plus {noise} noise, and z drawn from the Gaussian "
+             "fitted to the training codes, decoded by g")
+    return plots.image_rows(rows, _image_shape(data), path, ncol=n, title=title)
+
+
+def denoising_rows(denoisers: dict, x: torch.Tensor, plain=None, seed: int = 0) -> list:
+    """The rows of :func:`denoising`: ``x``, then for each ``{label: (corruption, Codec)}`` the corrupted
+    x (labelled ``label``), drawn by a generator seeded by ``seed + i`` for the i-th corruption (as
+    :func:`~pvae.autoencoding.denoising_errors` seeds them), its reconstruction by the denoiser and, with a
+    ``plain`` coder, by that one."""
+    rows = [("data", x)]
+    for i, (label, (corruption, coder)) in enumerate(denoisers.items()):
+        corrupted = corruption(x, torch.Generator(device=x.device).manual_seed(seed + i))
+        rows += [(label, corrupted), ("denoised by its DAE", coder.reconstruct(corrupted))]
+        if plain is not None:
+            rows.append(("by the plain AE", plain.reconstruct(corrupted)))
+    return rows
+
+
+@torch.no_grad()
+def denoising(denoisers: dict, data: Dataset, path, plain=None, n: int = 8, seed: int = 0, split: str = "test") -> Path:
+    """The first ``n`` images of ``split``; for each ``{label: (corruption, Codec)}`` (masking with p = 0.5
+    and 0.9, Gaussian noise; each coder a denoising autoencoder trained with its corruption), the
+    corrupted images and what the denoiser makes of them, and what a ``plain`` autoencoder makes of
+    them where one is given (:func:`denoising_rows`). Corrupted values outside [0, 1] are drawn clipped."""
+    rows = denoising_rows(denoisers, _first_rows(data, split, n), plain, seed)
+    title = f"{data.name}, {split} split: corrupted images restored by denoising autoencoders, h(x̃) ≈ x"
+    return plots.image_rows(rows, _image_shape(data), path, ncol=n, title=title)
 
 
 # ----------------------------------------------------------------------------- the latent space

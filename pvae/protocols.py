@@ -75,24 +75,6 @@ class EpochMetrics(Protocol):
 
 
 @runtime_checkable
-class Autoencoding(Protocol):
-    """Maps data to codes and back: PCA, an autoencoder, a VAE (its encoder's mean and its decoder's
-    mean image); see :mod:`pvae.autoencoding`. Reconstruction errors and code-space samples take any
-    of them, so that they stand side by side."""
-
-    latent_dim: int
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Codes ``(B, latent_dim)`` of the datapoints ``x`` ``(B, ...)``."""
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Flat images ``(B, P)`` of the codes ``z`` ``(B, latent_dim)``."""
-
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """``decode(encode(x))``, flat ``(B, P)``."""
-
-
-@runtime_checkable
 class StaticProgram(Protocol):
     """A program that runs the same tensor operations, in the same order, on every batch of a given
     shape: no Python branch on tensor values, no Python randomness, no state that changes between
@@ -117,18 +99,22 @@ def has_q_for(guide, split: Optional[str]) -> bool:
 
 @runtime_checkable
 class Codec(Protocol):
-    """Anything that maps data to codes and back, put beside a model in a figure (an interpolation row, a
-    reconstruction row): an autoencoder, PCA, or a model with its guide
-    (:class:`~pvae.codec.ProgramCodec`)."""
+    """Anything that maps data to codes and back: a model with its guide
+    (:class:`~pvae.codec.ProgramCodec`: a VAE's codes are the means of q(z | x), an autoencoder's its point
+    mass), PCA (:class:`~pvae.autoencoding.PCA`). Reconstruction errors, code-space samples and the
+    figures that put coders side by side (:mod:`pvae.autoencoding`, :mod:`pvae.figures`) take any of them."""
+
+    latent_dim: int
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, ...)`` data -> ``(B, D)`` codes."""
+        """``(B, ...)`` data -> ``(B, latent_dim)`` codes."""
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """``(B, D)`` codes -> ``(B, P)`` data as pictures show them (a likelihood's mean)."""
+        """``(B, latent_dim)`` codes -> ``(B, P)`` data as pictures show them (a likelihood's mean)."""
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, ...)`` data -> ``(B, P)``: what the codec makes of them."""
+        """``(B, ...)`` data -> ``(B, P)``: what the codec makes of them (``decode(encode(x))`` where the
+        code is all the latent there is)."""
 
 
 @runtime_checkable

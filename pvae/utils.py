@@ -6,6 +6,7 @@ import json
 import os
 import random
 import shutil
+import stat
 import tempfile
 import time
 import typing
@@ -87,6 +88,9 @@ def atomic_write(path, write) -> None:
     written, and against a power cut the rename relies on the file system's ordering (ext4 flushes
     a file replaced by a rename first); an ``fsync`` per checkpoint waits on the whole disk's journal
     (20 epochs of the digits demo on a busy shared disk: 72 s with one, 53 s without).
+
+    The file gets the mode a plain ``open(path, "w")`` would give it: that of the file it replaces, or
+    for a new file ``0o666`` less the process's umask.
     """
     path = Path(path)
     tmp = None
@@ -94,6 +98,7 @@ def atomic_write(path, write) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
+        os.chmod(tmp, _mode_for(path))  # mkstemp's 0600 would make every written file private
         write(tmp)
         if os.environ.get(_PAUSE):
             time.sleep(float(os.environ[_PAUSE]))
@@ -109,6 +114,16 @@ def atomic_write(path, write) -> None:
         if isinstance(error, OSError):
             error.filename = str(path)  # the file the user knows, not the temporary one
         raise
+
+
+def _mode_for(path: Path) -> int:
+    """The permission bits ``open(path, "w")`` leaves ``path`` with: its own if it exists, else 0o666 & ~umask."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)  # the umask can only be read by setting it
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def _nearly_full(folder, margin: int = 1 << 20) -> bool:

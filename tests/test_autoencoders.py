@@ -18,7 +18,6 @@ from pvae.autoencoding import (
     PCA,
     CodeGaussian,
     CoderConfig,
-    EncoderDecoder,
     fit_autoencoder,
     perturbed_codes,
     reconstruction_error,
@@ -29,7 +28,8 @@ from pvae.guides import AmortizedGuide, GaussianNoise, MaskingNoise, mlp_guide, 
 from pvae.inference import ReparamELBO, elbo_terms
 from pvae.models import FixedGaussian, mlp_autoencoder, mlp_vae
 from pvae.programs import Batch, Program, ProgramError, inspect_programs
-from pvae.protocols import Autoencoding
+from pvae.codec import ProgramCodec
+from pvae.protocols import Codec
 
 QUIET = dict(progress=False)
 
@@ -89,7 +89,7 @@ def test_pca_reconstruction_error_is_the_variance_outside_its_axes():
     eigenvalues = torch.linalg.eigvalsh(centred.T.double() @ centred.double() / x.shape[0]).flip(0)
     for d in (1, 3, 5):
         pca = PCA(d).fit(x)
-        assert isinstance(pca, Autoencoding)
+        assert isinstance(pca, Codec)
         assert_close(reconstruction_error(pca, x).mean, eigenvalues[d:].sum(), rtol=1e-4, msg=f"d = {d}")
         assert_close(pca.decode(pca.encode(x)), pca.reconstruct(x))
     with pytest.raises(ValueError, match="latent_dim 11 exceeds"):
@@ -109,7 +109,7 @@ def test_the_linear_autoencoder_spans_the_pca_subspace():
     pca = PCA(3).fit(x)
     angles = subspace_angles(decoder.double().numpy(), pca.components.T.double().numpy())
     assert angles.max() < 0.05, angles
-    ae_error, pca_error = (reconstruction_error(c, x).mean for c in (EncoderDecoder(model, guide), pca))
+    ae_error, pca_error = (reconstruction_error(c, x).mean for c in (ProgramCodec(model, guide, x[:64]), pca))
     assert pca_error <= ae_error < 1.2 * pca_error, (ae_error, pca_error)
 
 
@@ -166,14 +166,20 @@ def test_an_autoencoder_is_refused_by_evaluate_and_compare(coders, digits):
 # ----------------------------------------------------------------------------- the interface, the noise, the codes
 
 
-def test_a_vae_codes_with_its_guides_mean_and_decodes_with_its_decoders():
-    model, guide = mlp_vae(6, 2, (8,), "gaussian"), mlp_guide(6, 2, (8,))
-    coder = EncoderDecoder(model, guide)
-    x = torch.rand(4, 6)
-    assert isinstance(coder, Autoencoding) and coder.latent_dim == 2
-    loc, _ = guide.encode(x)
-    assert_close(coder.encode(x), loc)
+def test_a_vae_codes_with_its_guides_mean_and_a_denoising_encoder_sees_clean_inputs():
+    """A model with its guide as a Codec: a VAE's code is the mean of q, decoded to the Gaussian's mean;
+    a denoising encoder left in training mode is read in evaluation mode (the clean x), and its mode
+    is given back."""
+    model, guide = mlp_vae(6, 2, (8,), "gaussian"), mlp_guide(6, 2, (8,), corruption=MaskingNoise(0.9))
+    x = torch.rand(4, 6) + 0.5
+    coder = ProgramCodec(model.train(), guide.train(), x)
+    assert isinstance(coder, Codec) and coder.latent_dim == 2
+    with torch.no_grad():
+        loc, _ = guide.eval().encode(x)
+    guide.train()
+    assert_close(coder.encode(x), loc, msg="the code of the clean x")
     assert_close(coder.reconstruct(x), model.decoder(loc)[:, :6], msg="the Gaussian's mean is the first half")
+    assert guide.training and model.training and all(m.training for m in guide.modules())
 
 
 def test_corruption_reaches_the_encoders_input_in_training_only():

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import matplotlib.image
+import numpy as np
 import pytest
 import torch
 
@@ -30,7 +31,8 @@ EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
 EXAMPLES = {
     "amortized_vs_mean_field.py": ["--epochs", "1", "--hidden", "16", "--datapoints", "8", "--study-refine-steps", "1", "5",
                                    "--quick", "--quiet", "--out", "{out}"],
-    "autoencoders.py": ["--sizes", "2", "4", "--epochs", "2", "--hidden", "16", "--denoising-size", "4", "--quiet"],
+    "autoencoders.py": ["--sizes", "2", "4", "--epochs", "2", "--hidden", "16", "--denoising-size", "4", "--sample-sizes",
+                        "2", "4", "--quiet", "--out", "{out}"],
     "custom_model.py": ["--epochs", "2", "--hidden", "32", "--components", "3", "--quiet", "--out", "{out}"],
     "latent_sizes.py": ["--sizes", "2", "5", "--epochs", "1", "--hidden", "32", "--samples", "16", "--quiet", "--out", "{out}"],
     "tutorial_vae.py": ["--epochs", "2", "--hidden", "64", "--datapoints", "20", "--quick", "--quiet",
@@ -232,7 +234,14 @@ def check_autoencoders(result, printed, out):
         assert f"| PCA | {errors['pca'][2]} | {errors['pca'][4]} |" in printed
     assert_close([float(v) for v in ELBO_LINE.findall(printed)], [result["vae_elbo"][d] for d in (2, 4)], atol=1e-2,
                  msg="printed VAE ELBOs")
-    assert sorted(result["denoising"]) == ["Gaussian noise sigma = 0.5", "masking p = 0.5"]
+    assert sorted(result["denoising"]) == ["Gaussian noise σ = 0.5", "masking p = 0.5", "masking p = 0.9"]
+    from PIL import Image
+
+    names = ["reconstructions.png", "interpolation.png", "generation-failures.png", "denoising.png"]
+    assert [p.name for p in result["figures"]] == names and all(p.parent == out for p in result["figures"])
+    for path in result["figures"]:
+        with Image.open(path) as image:
+            assert image.format == "PNG" and np.asarray(image.convert("L")).std() > 8, f"{path.name} is blank"
     for label, e in result["denoising"].items():
         assert f"| {label} | {e['ae']} | {e['dae']} |" in printed
 

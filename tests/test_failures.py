@@ -340,3 +340,31 @@ def test_a_read_only_run_folder_is_said_in_words_before_any_work(small_disk, cap
         assert "the file system is read-only: write elsewhere" in one_line_error(err, argv[0])
         assert "log p" not in out, "it failed before the work, not after"
     assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_writes_give_files_the_mode_open_would(tmp_path, umask):
+    """mkstemp makes its files 0600: renamed into place, a report or a figure would be private to its
+    writer. A new file gets 0666 less the umask, as open() gives it; a replaced file keeps its mode."""
+    import os
+    import stat
+
+    from pvae.utils import atomic_write
+
+    def mode(path):
+        return stat.S_IMODE(path.stat().st_mode)
+
+    def write(tmp):
+        Path(tmp).write_text("new")
+
+    old = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "new.html", write)
+        kept = tmp_path / "kept.html"
+        kept.write_text("old")
+        kept.chmod(0o604)
+        atomic_write(kept, write)
+    finally:
+        os.umask(old)
+    assert mode(tmp_path / "new.html") == 0o666 & ~umask
+    assert mode(kept) == 0o604 and kept.read_text() == "new"

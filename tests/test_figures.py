@@ -5,6 +5,8 @@ readings of the programs they rest on (codes, decoded means, prior samples, quan
 import base64
 import json
 import math
+import os
+import stat
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from torch import nn
 import pvae
 from pvae import figures, plots
 from pvae.cli import main
+from pvae.autoencoding import PCA
 from pvae.codec import ProgramCodec
 from pvae.figures import FIGURES, snapshot_epochs
 from pvae.guides import AmortizedGuide, mlp_guide
@@ -140,6 +143,9 @@ def test_the_report_is_self_contained_and_embeds_every_figure(run):
         assert kind == f"data:image/{Path(name).suffix[1:]}"
         assert base64.b64decode(data) == (run / name).read_bytes()
     assert not parser.external
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((run / "report.html").stat().st_mode) == 0o666 & ~umask, "as open() would make it"
     for section in ('id="metrics"', 'id="config"', 'id="evaluation-test"', 'id="compare-test"', 'id="figures"'):
         assert section in text
     final = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
@@ -259,28 +265,11 @@ def test_exact_posterior_draws_are_split_into_the_models_sites():
     assert_close(export.posterior["z2"].values[0].mean(0), mean[:, 2:], atol=0.04, msg="z2")
 
 
-class PCA:
-    """A codec that is not a Pyro program: PCA of the training images, as the model-zoo's baseline will be."""
-
-    def __init__(self, x, d):
-        self.mean = x.mean(0)
-        self.basis = torch.linalg.svd(x - self.mean, full_matrices=False)[2][:d]
-
-    def encode(self, x):
-        return (x - self.mean) @ self.basis.T
-
-    def decode(self, z):
-        return z @ self.basis + self.mean
-
-    def reconstruct(self, x):
-        return self.decode(self.encode(x))
-
-
 def test_interpolation_takes_other_codecs_as_rows(trained, tmp_path):
     model, guide, data = trained
-    assert isinstance(PCA(data.train, 2), pvae.protocols.Codec)
+    assert isinstance(PCA(2).fit(data.train), pvae.protocols.Codec)
     path = figures.interpolation(model, guide, data, tmp_path / "i.png", pair=(3, 7), steps=6,
-                                 others={"PCA, d = 2": PCA(data.train, 2), "PCA, d = 8": PCA(data.train, 8)})
+                                 others={"PCA, d = 2": PCA(2).fit(data.train), "PCA, d = 8": PCA(8).fit(data.train)})
     image = pixels(path)
     _, h = grid_px(4, 6)  # data, VAE, two PCA rows
     assert image.shape[0] == plots.TITLE_PX + h + plots.MARGIN_PX
@@ -385,3 +374,133 @@ def test_a_mean_field_guide_shows_its_training_rows_as_it_saw_them(tmp_path):
     assert [p.name for p in written] == ["reconstructions.png", "psis-train.png"]
     with pytest.raises(ValueError, match="training rows only"):
         figures.FigureContext(model, guide, data, split="test")
+
+
+# ----------------------------------------------------------------------------- coders side by side
+
+
+@pytest.fixture(scope="module")
+def side_by_side():
+    """Tiny coders on the grey digits, two epochs each: PCA, autoencoders and VAEs at latent sizes 2
+    and 4, denoising autoencoders for masking with p = 0.5 and 0.9."""
+    from pvae.autoencoding import CoderConfig, fit_autoencoder, fit_vae
+    from pvae.guides import MaskingNoise
+
+    set_seed(0)
+    data = pvae.load_dataset("digits")
+    config = CoderConfig(hidden=(16,), epochs=2, lr=1e-2)
+    coders = {f"{name}{d}": build(d) for d in (2, 4) for name, build in (
+        ("pca", lambda d: PCA(d).fit(data.train)), ("ae", lambda d: fit_autoencoder(data, d, config)),
+        ("vae", lambda d: fit_vae(data, d, config)))}
+    for p in (0.5, 0.9):
+        coders[f"dae{p}"] = fit_autoencoder(data, 4, config, MaskingNoise(p))
+    return data, coders
+
+
+def cells(path, labels, ncol: int, shape=SHAPE) -> torch.Tensor:
+    """The images of an :func:`plots.image_rows` figure of one block (``len(labels)`` rows of ``ncol``), read
+    back from its pixels: ``(rows, ncol, P)`` in [0, 1], each image pixel from the centre of its magnified square."""
+    image = pixels(path)
+    _, h, w = shape
+    s = plots.scale_for(shape)
+    left = plots.MARGIN_PX + plots.CHAR_PX * max(map(len, labels)) + 10
+    _, height = grid_px(len(labels), ncol, shape)
+    width, _ = grid_px(1, ncol, shape)
+    assert image.shape == (plots.TITLE_PX + height + plots.MARGIN_PX, left + width + plots.MARGIN_PX)
+    assert_not_blank(image, Path(path).name)
+    centre = np.arange(h) * s + s // 2
+    out = np.empty((len(labels), ncol, h, w))
+    for r in range(len(labels)):
+        for k in range(ncol):
+            top, lft = plots.TITLE_PX + (1 + r * (h + 1)) * s, left + (1 + k * (w + 1)) * s
+            out[r, k] = image[top + centre][:, lft + np.arange(w) * s + s // 2]
+    return torch.as_tensor(out / 255, dtype=torch.float32).reshape(len(labels), ncol, -1)
+
+
+SHOWN = 2 / 255  # a grey level in [0, 1] drawn through the 256-level grey colormap and read back
+
+
+def assert_rows(path, expected: list, ncol: int) -> None:
+    """Each row of the figure at ``path`` shows the images of ``expected`` ``[(label, (ncol, P))]``, in order,
+    and no two rows look alike, so that rows drawn in another order would fail."""
+    shown_rows = cells(path, [label for label, _ in expected], ncol)
+    for (label, images), row in zip(expected, shown_rows):
+        assert_close(row, images.clip(0, 1), atol=SHOWN, msg=f"row {label!r}")
+    for i in range(len(expected)):
+        for j in range(i):
+            assert (expected[i][1].clip(0, 1) - expected[j][1].clip(0, 1)).abs().max() > 10 * SHOWN, (i, j)
+
+
+def test_pca_the_autoencoder_and_the_vae_reconstruct_the_same_images_row_by_row(side_by_side, tmp_path):
+    data, c = side_by_side
+    x = data.test[:6]
+    coders = {"PCA, d = 2": c["pca2"], "AE, d = 2": c["ae2"], "VAE, d = 2": c["vae2"], "PCA, d = 4": c["pca4"],
+              "AE, d = 4": c["ae4"]}
+    path = figures.coder_reconstructions(coders, data, tmp_path / "r.png", n=6)
+    expected = [("data", x)] + [(label, coder.reconstruct(x)) for label, coder in coders.items()]
+    assert_rows(path, expected, 6)
+
+
+def test_an_autoencoders_codes_perturbed_and_sampled(side_by_side, tmp_path):
+    """The rows of the generation failures, drawn again here from the documented stream: one generator,
+    seeded once, draws each coder's N(0, 0.5²I) and N(0, I) noise and then its code-space sample."""
+    data, c = side_by_side
+    x, n = data.test[:5], 5
+    coders = {"d = 2": c["ae2"], "d = 4": c["ae4"]}
+    path = figures.generation_failures(coders, data, tmp_path / "g.png", n=n, seed=3)
+    g = torch.Generator().manual_seed(3)
+    expected = [("data", x)]
+    for label, coder in coders.items():
+        code = coder.encode(x)
+        expected.append((f"{label}: g(f(x))", coder.reconstruct(x)))
+        for s in (0.5, 1.0):
+            expected.append((f"{label}: z + N(0, {s:g}²I)", coder.decode(code + s * torch.randn(code.shape, generator=g))))
+        train = coder.encode(data.train)
+        z = train.mean(0) + train.std(0, correction=0) * torch.randn(code.shape, generator=g)
+        expected.append((f"{label}: z ~ N(μ̂, Σ̂)", coder.decode(z)))
+    assert_rows(path, expected, n)
+
+
+def test_the_denoising_figure_shows_inputs_corrupted_at_the_stated_rate(side_by_side, tmp_path):
+    """Masked rows read back from the figure: of the test pixels that are visibly grey, the share drawn
+    black is p within 5 standard errors (a failure rate below 1e-6 each), and every other one is the
+    original; each corruption's denoiser restores its own corrupted row."""
+    from pvae.guides import GaussianNoise, MaskingNoise
+
+    data, c = side_by_side
+    n = 16
+    x = data.test[:n]
+    denoisers = {"masking p = 0.5": (MaskingNoise(0.5), c["dae0.5"]), "masking p = 0.9": (MaskingNoise(0.9), c["dae0.9"]),
+                 "noise σ = 0.5": (GaussianNoise(0.5), c["ae4"])}
+    path = figures.denoising(denoisers, data, tmp_path / "d.png", plain=c["ae2"], n=n, seed=7)
+    expected = [("data", x)]
+    for i, (label, (corruption, coder)) in enumerate(denoisers.items()):
+        corrupted = corruption(x, torch.Generator().manual_seed(7 + i))
+        expected += [(label, corrupted), ("denoised by its DAE", coder.reconstruct(corrupted)),
+                     ("by the plain AE", c["ae2"].reconstruct(corrupted))]
+    assert_rows(path, expected, n)
+    shown_rows = cells(path, [label for label, _ in expected], n)
+    original = shown_rows[0]
+    grey = original > 0.1
+    for row, p in ((1, 0.5), (4, 0.9)):
+        masked = shown_rows[row]
+        black = (masked[grey] < SHOWN).double()
+        m = black.numel()
+        assert_close(black.mean(), p, atol=5 * math.sqrt(p * (1 - p) / m), msg=f"masking p = {p}: share of {m} pixels")
+        kept = masked > SHOWN
+        assert_close(masked[kept], original[kept], atol=SHOWN, msg="what is not masked is the original")
+
+
+def test_the_vae_the_autoencoder_and_pca_interpolate_between_the_same_pair(side_by_side, tmp_path):
+    data, c = side_by_side
+    pair, steps = (3, 7), 6
+    vae = c["vae2"]
+    path = figures.interpolation(vae.model, vae.guide, data, tmp_path / "i.png", pair=pair, steps=steps,
+                                 label="VAE", others={"AE": c["ae2"], "PCA": c["pca2"]})
+    ends = data.test[list(pair)]
+    t = torch.linspace(0, 1, steps)[:, None]
+    expected = [("data", torch.cat([ends[:1], torch.ones(steps - 2, ends.shape[1]), ends[1:]]))]
+    for label, coder in (("VAE", vae), ("AE", c["ae2"]), ("PCA", c["pca2"])):
+        z = coder.encode(ends)
+        expected.append((label, coder.decode((1 - t) * z[0] + t * z[1])))
+    assert_rows(path, expected, steps)
