@@ -6,6 +6,7 @@ guide (your own, or one built from the model: :mod:`pvae.guides`); :func:`fit` t
 """
 
 import importlib
+import pkgutil
 
 from .data import Dataset, load_dataset
 from .estimate import Estimate
@@ -17,15 +18,19 @@ from .utils import resolve_device, set_seed
 
 __version__ = "0.1.0"
 
-# submodules a user reaches as pvae.<name> after `import pvae`, imported on first use (plots loads matplotlib)
-_SUBMODULES = ("autoencoding", "compare", "evaluate", "figures", "codec", "guides", "models", "plots", "reports", "registry",
-               "run", "inference", "programs", "protocols", "data")
+# every submodule is reached as pvae.<name> after `import pvae`, imported on first use (plots loads
+# matplotlib): the modules of this folder and the two installed beside it (pyproject's package-dir)
+_SUBMODULES = frozenset({m.name for m in pkgutil.iter_modules(__path__)} - {"__main__"} | {"guides", "models"})
 
 
 def __getattr__(name):
     if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'pvae' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | _SUBMODULES)
 
 
 __all__ = [

@@ -284,6 +284,8 @@ def compare_inference(
         :class:`~pvae.protocols.LocalEncoder`, the start of q* and L[q_K]); a semi-amortized guide its
         encoder's; a mean-field guide or None gives q* (from the prior) and log p̂(x) only. A model with
         global sites needs a guide: the study holds them at its mean.
+    :param progress: show a progress bar on stderr: the datapoints done, a batch of ``config.batch_size``
+        at a time, and an estimate of the time left.
     :param settings: extra entries for the result's ``settings`` (the run, the split, ...).
     """
     config = config or CompareConfig()
@@ -321,42 +323,49 @@ def compare_inference(
     steps = []
     clock = _StageClock(batch.x.device)
     starts, refined = None, {}
-    if readable:
-        # the encoder's q and its refinements for every datapoint at once: each step is one pass over them all
-        with torch.no_grad():
-            starts = encoder.local_params(batch)
-        with clock("L[q_K]"):
-            params, done = starts, 0
-            for k in config.refine_steps:  # gradient steps are memoryless: go on from the last K
-                params = refine(model, batch, params, encoder.family, k - done, config.refine_lr)
-                refined[k], done = params, k
-    infos = {}  # one look at each pair's structure serves every batch
-    noise = torch.Generator(device=batch.x.device).manual_seed(config.seed)  # q*'s fixed draws
-    for rows in tqdm(_row_blocks(len(batch), config.batch_size, batch.x.device), desc="q*", disable=not progress,
-                     leave=False):
-        sub = batch.rows(rows)
-        unscaled = Batch.of(sub.x, inputs=sub.inputs, split=sub.split)
-        start = None
-        if encoder is not None:
-            with clock("L[q]"):
-                values["elbo_q"].append(_elbo(model, encoder_program, unscaled, config, infos, "q"))
+    # the bar counts datapoints done, one batch at a time (every batch shown: each takes seconds), and
+    # its estimate of the time left is taken over the batches alone
+    with tqdm(total=len(batch), unit="datapoint", desc="pvae compare", disable=not progress, leave=False,
+              mininterval=0) as bar:
         if readable:
-            start = _params_rows(starts, rows)
-            for k in config.refine_steps:
-                with clock("L[q_K]"):
-                    guide_k = ParamsGuide(encoder.family, _params_rows(refined[k], rows))
-                    values[f"q_{k}"].append(_elbo(model, guide_k, unscaled, config, infos, "q_K"))
-        with clock("q*"):
-            q_star, n = optimize_local(model, sub, family, start if init == "encoder" else None, config.particles,
-                                       config.max_steps, config.tol, noise)
-            steps.append(n)
-        with clock("L[q*], log p(x)"):
-            # fresh draws: the bound at q*, not the optimized objective (biased upwards by the optimization)
-            proposal = Program(ParamsGuide(family, q_star), "guide")
-            elbo, log_px = elbo_and_iwae_bound(model, proposal, unscaled, config.iwae_samples, config.chunk_size,
-                                               _info(model, proposal, unscaled, infos, "q*"))
-            values["elbo_q_star"].append(elbo)
-            values["log_px"].append(log_px)
+            # the encoder's q and its refinements for every datapoint at once: each step is one pass over them all
+            bar.set_postfix_str(f"L[q_K], K = {', '.join(map(str, config.refine_steps))}, for all {len(batch)} at once")
+            with torch.no_grad():
+                starts = encoder.local_params(batch)
+            with clock("L[q_K]"):
+                params, done = starts, 0
+                for k in config.refine_steps:  # gradient steps are memoryless: go on from the last K
+                    params = refine(model, batch, params, encoder.family, k - done, config.refine_lr)
+                    refined[k], done = params, k
+            bar.unpause()  # the batches' clock starts now
+        bar.set_postfix_str(f"q*, L[q*] and log p(x) by batches of {config.batch_size}")
+        infos = {}  # one look at each pair's structure serves every batch
+        noise = torch.Generator(device=batch.x.device).manual_seed(config.seed)  # q*'s fixed draws
+        for rows in _row_blocks(len(batch), config.batch_size, batch.x.device):
+            sub = batch.rows(rows)
+            unscaled = Batch.of(sub.x, inputs=sub.inputs, split=sub.split)
+            start = None
+            if encoder is not None:
+                with clock("L[q]"):
+                    values["elbo_q"].append(_elbo(model, encoder_program, unscaled, config, infos, "q"))
+            if readable:
+                start = _params_rows(starts, rows)
+                for k in config.refine_steps:
+                    with clock("L[q_K]"):
+                        guide_k = ParamsGuide(encoder.family, _params_rows(refined[k], rows))
+                        values[f"q_{k}"].append(_elbo(model, guide_k, unscaled, config, infos, "q_K"))
+            with clock("q*"):
+                q_star, n = optimize_local(model, sub, family, start if init == "encoder" else None, config.particles,
+                                           config.max_steps, config.tol, noise)
+                steps.append(n)
+            with clock("L[q*], log p(x)"):
+                # fresh draws: the bound at q*, not the optimized objective (biased upwards by the optimization)
+                proposal = Program(ParamsGuide(family, q_star), "guide")
+                elbo, log_px = elbo_and_iwae_bound(model, proposal, unscaled, config.iwae_samples, config.chunk_size,
+                                                   _info(model, proposal, unscaled, infos, "q*"))
+                values["elbo_q_star"].append(elbo)
+                values["log_px"].append(log_px)
+            bar.update(len(rows))
     v = {key: torch.cat(parts) for key, parts in values.items() if parts}
     result = Comparison(
         datapoints=len(batch),

@@ -12,6 +12,7 @@ KL(q || p(z|x)) = 1/2 (tr(Lambda S) + (m - mu)^T Lambda (m - mu) - D - log det L
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -173,6 +174,21 @@ def test_comparison_round_trips_and_writes_its_table(tmp_path):
     paths = write_comparison(tmp_path, result, "compare-test", reference=None)
     assert [p.name for p in paths] == ["compare-test.json", "compare-test.md", "compare-test.png"]
     assert json.loads(paths[0].read_text())["amortization_gap"] == {"mean": 0.3, "se": 0.02}
+
+
+def test_progress_moves_batch_by_batch_with_the_time_left(capsys):
+    """The bar shows the datapoints done after every batch of ``batch_size`` (not once at the end), with
+    tqdm's estimate of the time left, and says what stage it is in."""
+    model, x = linear_gaussian(orthogonal_W(), 30)
+    config = CompareConfig(batch_size=10, particles=8, refine_steps=(1,), elbo_particles=4, iwae_samples=8)
+    compare_inference(model, x, linear_encoder(model), config, progress=True)
+    bar = capsys.readouterr().err
+    done = [int(n) for n in re.findall(r"(\d+)/30 ", bar)]
+    assert sorted(set(done)) == [0, 10, 20, 30], bar
+    assert re.search(r"10/30 \[[0-9:]+<[0-9:]+", bar), f"no estimate of the time left after the first batch: {bar}"
+    assert "L[q_K], K = 1, for all 30 at once" in bar and "q*, L[q*] and log p(x) by batches of 10" in bar
+    compare_inference(model, x, linear_encoder(model), config)
+    assert capsys.readouterr().err == "", "no bar unless asked for"
 
 
 def test_one_datapoint_has_no_standard_error():
