@@ -5,7 +5,8 @@ Objectives (:func:`make_elbo`), chosen from what :func:`~pvae.programs.inspect_p
 
 - a guide whose sites are all reparameterized: :class:`ReparamELBO`, the value and gradient of
   Pyro's ``Trace_ELBO`` without its per-site host synchronizations, with the closed-form KL of
-  each site where it is exact (``analytic-kl``);
+  each site where it is exact (``auto``, the default, and ``analytic-kl``, which says where it is
+  not), or with every term by Monte Carlo (``trace``);
 - a model with enumerated discrete sites (or ``enum``): Pyro's ``TraceEnum_ELBO``, which sums them
   out exactly;
 - otherwise Pyro's ``Trace_ELBO``, with score-function terms for the guide's discrete sites;
@@ -65,6 +66,8 @@ from .programs import (
 )
 
 ELBOS = {
+    "auto": "the KL in closed form where it is exact, Monte Carlo elsewhere, enumerated sites summed out: "
+            "the lowest-variance ELBO the programs allow",
     "trace": "Monte Carlo estimate of every term (Trace_ELBO)",
     "analytic-kl": "the KL in closed form where it is exact, Monte Carlo elsewhere",
     "enum": "enumerated discrete sites summed out exactly (TraceEnum_ELBO)",
@@ -81,12 +84,13 @@ class PvaeWarning(UserWarning):
     """What pvae says once about a choice it made for the user (an objective's fallback, ...)."""
 
 
-def make_elbo(name: str = "trace", num_particles: int = 1, info: Optional[ProgramInfo] = None,
+def make_elbo(name: str = "auto", num_particles: int = 1, info: Optional[ProgramInfo] = None,
               tc_beta: float = 1.0, tc_estimator: str = "mws"):
     """The training objective ``name`` for programs described by ``info`` (see the module docstring).
 
-    ``analytic-kl`` takes the closed-form KL of each site where it is exact and says once, as a
-    :class:`PvaeWarning`, which sites take the Monte Carlo term instead. Particles are vectorized.
+    ``auto`` takes the closed-form KL of each site where it is exact and the Monte Carlo term
+    elsewhere, silently; ``analytic-kl`` does the same and says once, as a :class:`PvaeWarning`, which
+    sites take the Monte Carlo term; ``trace`` estimates every term by Monte Carlo. Particles are vectorized.
     ``iwae`` and ``dreg`` take ``num_particles`` as the bound's K; ``tc`` weights the total correlation
     by ``tc_beta``, estimated by ``tc_estimator`` (see :func:`kl_decomposition`).
     """
@@ -113,7 +117,7 @@ def make_elbo(name: str = "trace", num_particles: int = 1, info: Optional[Progra
                 _say(f"analytic-kl: site(s) {', '.join(map(repr, rest))} have no exact closed-form KL with this "
                      "guide (no formula, or the guide samples a latent the model's density depends on after "
                      "them): those take the Monte Carlo term")
-    return lean_elbo(info, num_particles, analytic=name == "analytic-kl", enumerate_=name == "enum")
+    return lean_elbo(info, num_particles, analytic=name in ("auto", "analytic-kl"), enumerate_=name == "enum")
 
 
 def lean_elbo(info: ProgramInfo, num_particles: int = 1, analytic: bool = True, enumerate_: bool = False):
@@ -576,7 +580,7 @@ def _check_stream_objective(name: str, info: ProgramInfo) -> None:
     if info.global_:
         raise ProgramError(
             f"--elbo {name}: the model has global latent site(s) {', '.join(map(repr, info.global_))}, whose KL this "
-            "per-datapoint objective has no place for: fit it with --elbo trace or analytic-kl"
+            "per-datapoint objective has no place for: fit it with --elbo auto, trace or analytic-kl"
         )
     if not info.reparameterized:
         raise ProgramError(

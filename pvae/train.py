@@ -46,7 +46,10 @@ class FitConfig:
     # SparseAdam's learning rate for per-datapoint parameters (a mean-field guide's tables): each row
     # takes one step per epoch, not one per batch, so it needs larger steps than the decoder's
     local_lr: float = 3e-2
-    elbo: str = "trace"  # a name in pvae.inference.ELBOS: trace, analytic-kl, enum, iwae, dreg or tc
+    # a name in pvae.inference.ELBOS: auto, trace, analytic-kl, enum, iwae, dreg or tc. auto, the closed-form KL
+    # where it is exact, learns as well as a hand-written loop; trace, every term by Monte Carlo, was 1.1 nats
+    # short of one (README, Benchmarks: learning parity)
+    elbo: str = "auto"
     num_particles: int = 1  # samples of z per datapoint and step, vectorized; the K of iwae and dreg
     beta: float = 1.0  # weight of the KL term once warmed up: 1 is the ELBO, > 1 a beta-VAE
     tc_beta: float = 1.0  # elbo "tc": the weight of the total correlation (beta-TCVAE); 1 is the ELBO
