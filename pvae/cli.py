@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from . import distributed, figures
+from . import distributed, figures, metrics
 from .data import BINARIZE, DATASETS
 from .errors import ConfigError, Interrupted, add_note, message
 from .inference import ELBOS, TC_ESTIMATORS
@@ -200,6 +200,8 @@ def run_train(args) -> int:
     say(f"pvae train: {what} with the {cfg.guide or type(guide).__name__} guide "
         f"on {data.name} ({data.train.shape[0]} train / {data.test.shape[0]} test), {device}{ranks}, run folder {out}")
     callbacks = [] if args.no_figures else [figures.LatentSnapshots(out)]
+    before = _file_times(out)  # what a resumed run's folder held: what this command did not write is stale
+    done = len(metrics.read_metrics(out)) if args.resume and (out / "metrics.jsonl").is_file() else 0
     try:
         result = fit(model, guide, data, cfg.fit, out_dir=out, resume=args.resume, device=device,
                      run_config=cfg.to_dict(), callbacks=callbacks)
@@ -229,8 +231,19 @@ def run_train(args) -> int:
     warning = collapse_warning(result.model, result.guide, data.to(device), cfg)
     if warning:
         print(f"pvae train: warning: {warning}")
-    print(f"pvae train: wrote {', '.join(sorted(p.name for p in out.iterdir()))} in {out}")
+    now = _file_times(out)
+    print(f"pvae train: wrote {', '.join(sorted(n for n, t in now.items() if before.get(n) != t))} in {out}")
+    stale = sorted(n for n, t in now.items() if before.get(n) == t)
+    if stale:
+        print(f"pvae train: {', '.join(stale)} predate epochs {done + 1}-"
+              f"{result.final.get('epoch')}: they describe the run before this resume; run pvae evaluate, "
+              f"compare or plot on {out} again")
     return 0
+
+
+def _file_times(folder: Path) -> dict:
+    """``{name: modification time in ns}`` of the files in ``folder``."""
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.is_file()} if folder.is_dir() else {}
 
 
 def collapse_warning(model, guide, data, cfg: RunConfig) -> Optional[str]:

@@ -36,3 +36,33 @@ def test_a_collapsed_run_warns_with_what_to_try(tmp_path, capsys):
 def test_a_healthy_run_does_not_warn(tmp_path, capsys):
     assert main([*TINY, "--out", str(tmp_path / "run")]) == 0
     assert "warning" not in capsys.readouterr().out
+
+
+def test_a_resume_lists_what_it_wrote_and_flags_results_that_predate_it(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main([*TINY, "--epochs", "2", "--out", str(run)]) == 0
+    for name in ("evaluation-test.json", "compare-test.md"):  # results of the run at epoch 2
+        (run / name).write_text("{}")
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(run), "--epochs", "3", "--no-progress", "--no-figures"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    wrote = next(line for line in lines if " wrote " in line)
+    assert "evaluation-test.json" not in wrote and "compare-test.md" not in wrote
+    assert "checkpoint.pt" in wrote and "metrics.jsonl" in wrote
+    assert lines[-1].startswith("pvae train: compare-test.md, evaluation-test.json predate epochs 3-3")
+
+
+def test_run_folder_files_get_open_modes_and_config_holds_the_fit_once(tmp_path):
+    import json
+    import os
+
+    old = os.umask(0o022)
+    try:
+        assert main([*TINY[:-1], "--epochs", "1", "--report", "--out", str(tmp_path / "run")]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "run").iterdir() if p.is_file()}
+    assert {"checkpoint.pt", "metrics.jsonl", "config.json", "samples.png", "report.html"} <= set(modes)
+    assert set(modes.values()) == {0o644}, modes
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert set(config) == {"format", "fit", "run"} and "fit" not in config["run"]
