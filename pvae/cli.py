@@ -23,10 +23,11 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from . import distributed, figures
+from . import distributed, figures, metrics
 from .data import BINARIZE, DATASETS
 from .errors import ConfigError, Interrupted, add_note, message
 from .inference import ELBOS, TC_ESTIMATORS
@@ -103,13 +104,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     data = p.add_argument_group("data")
     data.add_argument("--dataset", help=f"{', '.join(DATASETS)}, or a folder of MNIST-format IDX files (default: {run['dataset']}, embedded, no network)")
     data.add_argument("--data-dir", help="the folder holding the data set's files, or where to download them; not for digits or a folder given as --dataset (default: the files' cache, ~/.cache/pvae)")
-    data.add_argument("--binarize", choices=BINARIZE, help=f"default: {run['binarize']} (fresh Bernoulli draws each epoch)")
+    data.add_argument("--binarize", choices=BINARIZE, help="dynamic: fresh Bernoulli draws each epoch; threshold: pixel >= 0.5 (default: none for digits, which keep their grey levels, dynamic for the others)")
     data.add_argument("--val-size", type=COUNT, help="training images held out for validation (default: 5000 for 28x28 sets, else 10%%)")
     data.add_argument("--labels-as", metavar="NAME", help="also pass the labels to the programs as the side input NAME (a conditional model's y; default: none)")
     arch = p.add_argument_group("model and guide")
     arch.add_argument("--model", metavar="NAME", help=f"{', '.join(MODELS)}, or your own factory 'module:function' / 'file.py:function' returning a Pyro model or (model, guide) for the data (default: {run['model']}; mlp and conv are VAEs, conv takes 28x28 images; two-layer: z2 -> z1 -> x, Burda et al.; ae is an autoencoder, a flat prior with the point guide, linear with --hidden and no widths)")
     arch.add_argument("--guide", choices=list(GUIDES), help=f"variational family, built from the model's latent sites (default: {run['guide']}; for ae: point; a factory's own guide when it returns one); full-covariance and planar: an encoder's joint Gaussian, or Gaussian and planar flows, over all local sites; point: a point mass z = f(x), an autoencoder's")
-    arch.add_argument("--likelihood", choices=list(LIKELIHOODS), help=f"p(x|z) per pixel; gaussian learns its variance, gaussian-fixed has sigma = 1, the squared error (default: {run['likelihood']})")
+    arch.add_argument("--likelihood", choices=list(LIKELIHOODS), help=f"p(x|z) per pixel; gaussian learns its variance, gaussian-fixed has sigma = 1, the squared error (default: bernoulli for binarized data, continuous-bernoulli for grey levels)")
     arch.add_argument("--latent-dim", type=POSITIVE_INT, help=f"size of z (default: {run['latent_dim']}; 2 adds latent-space and manifold pictures)")
     arch.add_argument("--hidden", type=POSITIVE_INT, nargs="*", metavar="WIDTH", help=f"hidden widths of the MLPs; none: linear (default: {' '.join(map(str, run['hidden']))})")
     arch.add_argument("--activation", choices=list(ACTIVATIONS), help=f"default: {run['activation']} (Burda et al.'s models: tanh)")
@@ -199,6 +200,8 @@ def run_train(args) -> int:
     say(f"pvae train: {what} with the {cfg.guide or type(guide).__name__} guide "
         f"on {data.name} ({data.train.shape[0]} train / {data.test.shape[0]} test), {device}{ranks}, run folder {out}")
     callbacks = [] if args.no_figures else [figures.LatentSnapshots(out)]
+    before = _file_times(out)  # what a resumed run's folder held: what this command did not write is stale
+    done = len(metrics.read_metrics(out)) if args.resume and (out / "metrics.jsonl").is_file() else 0
     try:
         result = fit(model, guide, data, cfg.fit, out_dir=out, resume=args.resume, device=device,
                      run_config=cfg.to_dict(), callbacks=callbacks)
@@ -225,8 +228,38 @@ def run_train(args) -> int:
     split = "test" if "test_elbo" in final else "train"  # a mean-field guide has no test ELBO
     summary = ", ".join(f"{k} {final[k]:.3f}" for k in (f"{split}_elbo", f"{split}_recon", f"{split}_kl") if k in final)
     print(f"pvae train: {result.steps} steps in {result.seconds:.1f}s of training; {summary}")
-    print(f"pvae train: wrote {', '.join(sorted(p.name for p in out.iterdir()))} in {out}")
+    warning = collapse_warning(result.model, result.guide, data.to(device), cfg)
+    if warning:
+        print(f"pvae train: warning: {warning}")
+    now = _file_times(out)
+    print(f"pvae train: wrote {', '.join(sorted(n for n, t in now.items() if before.get(n) != t))} in {out}")
+    stale = sorted(n for n, t in now.items() if before.get(n) == t)
+    if stale:
+        print(f"pvae train: {', '.join(stale)} predate epochs {done + 1}-"
+              f"{result.final.get('epoch')}: they describe the run before this resume; run pvae evaluate, "
+              f"compare or plot on {out} again")
     return 0
+
+
+def _file_times(folder: Path) -> dict:
+    """``{name: modification time in ns}`` of the files in ``folder``."""
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.is_file()} if folder.is_dir() else {}
+
+
+def collapse_warning(model, guide, data, cfg: RunConfig) -> Optional[str]:
+    """What to say when the fitted posterior has collapsed (:func:`pvae.evaluate.collapse_check` on the
+    split the figures show), with the flags to try; None when it has not."""
+    from .evaluate import collapse_check
+
+    data, split = figures.shown(guide, data)
+    collapsed = collapse_check(model, guide, data.batch(split), seed=cfg.fit.seed)
+    if collapsed is None:
+        return None
+    tries = ([f"a lower --beta (now {cfg.fit.beta:g})"] if cfg.fit.beta > 1 else []) + \
+        (["--kl-warmup EPOCHS (the KL weight raised from 0)"] if not cfg.fit.kl_warmup_epochs else []) + \
+        ([f"a smaller --latent-dim (now {cfg.latent_dim})"] if cfg.latent_dim > 2 and cfg.model in MODELS else [])
+    return (f"{collapsed.collapse_note()} on the {split} split: the codes say little of x"
+            + (f"; try {', '.join(tries)}" if tries else ""))
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:

@@ -134,6 +134,20 @@ class Evaluation:
     def active_units(self) -> int:
         return int((self.activity > self.active_threshold).sum())
 
+    @property
+    def collapsed(self) -> bool:
+        """Whether the posterior has collapsed: fewer than half of the latent units are active, q(z_d | x)
+        left at the prior in the others (a partial collapse, e.g. 5 of 20, counts; 1 of 2 does not)."""
+        return bool(self.latent_names) and 2 * self.active_units < len(self.latent_names)
+
+    def collapse_note(self) -> str:
+        """One line of facts on the collapse: active units of D, and the KL of q(z | x) from the prior."""
+        d = len(self.latent_names)
+        kl = self.summary().get("kl_analytic", self.summary().get("kl"))
+        kl = f", KL(q(z|x) || p(z)) {kl.mean:.3g} nats ({kl.mean / d:.2g} per dimension)" if kl is not None and d else ""
+        return (f"the posterior has collapsed: {self.active_units} of {d} latent units active "
+                f"(Cov_x(E_q[z_d]) > {self.active_threshold:g}){kl}")
+
     def khat_flags(self) -> dict:
         """``{reason: number of datapoints}`` for the datapoints whose k̂ is NaN for a reason."""
         flags = self.per_datapoint.get("khat_flag", np.zeros(0))
@@ -212,6 +226,26 @@ class Evaluation:
             marginal=d.get("log_px_marginal"),
             info=d.get("info", {}),
         )
+
+
+COLLAPSE_CHECK = {"max_datapoints": 1000, "num_samples": 10}  # what collapse_check evaluates
+
+
+def collapse_check(model: Callable, guide: Callable, batch, seed: int = 0) -> Optional[Evaluation]:
+    """The :class:`Evaluation` of the first :data:`COLLAPSE_CHECK` datapoints of ``batch`` (no PSIS), when
+    its posterior has collapsed (:attr:`Evaluation.collapsed`); None when it has not, or when no bound is
+    defined (a point-mass guide, an improper prior) or the model has no continuous local latent site.
+    Seeded by ``seed``; torch's global generator is left as it was."""
+    batch = Batch.of(batch)
+    batch = batch.rows(slice(0, min(COLLAPSE_CHECK["max_datapoints"], len(batch))))
+    info = inspect_programs(model, guide, batch.rows(slice(0, 100)), check=False)
+    if info.point_mass or info.improper:
+        return None
+    devices = [batch.x.device.index or 0] if batch.x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        evaluation = evaluate(model, guide, batch, num_samples=COLLAPSE_CHECK["num_samples"], psis=False)
+    return evaluation if evaluation.collapsed else None
 
 
 def finite_or_none(obj):

@@ -18,10 +18,13 @@ from typing import Callable, Optional
 from pvae.models.likelihoods import LIKELIHOODS
 from pvae.models.networks import ACTIVATIONS
 
-from .data import BINARIZE, Dataset, load_dataset
+from .data import BINARIZE, Dataset, default_binarize, load_dataset
 from .errors import ConfigError
 from .train import FitConfig
 from .utils import dataclass_from_dict
+
+
+SAVED_HIDDEN = (400,)  # the widths of a saved config that records none: AmortizedGuide's default
 
 
 @dataclass
@@ -30,15 +33,17 @@ class RunConfig:
 
     dataset: Optional[str] = "digits"  # a name in pvae.data.DATASETS, or a folder of IDX files
     data_dir: Optional[str] = None  # where the data set's files are (or are downloaded to)
-    binarize: str = "dynamic"  # none, static, dynamic or threshold
+    binarize: Optional[str] = None  # none, static, dynamic or threshold; None: the data set's (none for digits, else dynamic)
     val_size: Optional[int] = None  # training images held out for validation; None: the default
     seed_data: int = 0  # seeds the static binarization and the split of sets with no test set
     labels_as: Optional[str] = None  # also pass the labels to the programs as this side input
     model: Optional[str] = "mlp"  # a name in MODELS, or a factory "module:function" / "file.py:function"
     guide: Optional[str] = "amortized"  # a name in GUIDES; None: the guide the model's factory returns
-    likelihood: str = "bernoulli"  # bernoulli, continuous-bernoulli or gaussian
+    # bernoulli, continuous-bernoulli, gaussian or gaussian-fixed; None: bernoulli for binarized data, else the
+    # continuous Bernoulli, a density on [0, 1] for grey levels (Loaiza-Ganem & Cunningham 2019)
+    likelihood: Optional[str] = None
     latent_dim: int = 2
-    hidden: tuple[int, ...] = (400,)  # hidden layer widths of the MLP encoder and decoder
+    hidden: tuple[int, ...] = (256, 256)  # hidden layer widths of the MLP encoder and decoder
     activation: str = "relu"
     latent_dims: tuple = (100, 50)  # two-layer model: the sizes of z1 and z2 (Burda et al.)
     layer_hidden: tuple = (200, 100)  # two-layer model: widths H1 (z1 -> H1 -> H1 -> x), H2 (z2 -> H2 -> H2 -> z1)
@@ -58,6 +63,10 @@ class RunConfig:
         if len(self.latent_dims) != 2 or len(self.layer_hidden) != 2 or min(*self.latent_dims, *self.layer_hidden) < 1:
             raise ValueError(f"latent_dims and layer_hidden are two positive sizes each, got {self.latent_dims}, "
                              f"{self.layer_hidden}")
+        if self.binarize is None:
+            self.binarize = default_binarize(self.dataset)
+        if self.likelihood is None:
+            self.likelihood = "continuous-bernoulli" if self.binarize == "none" else "bernoulli"
         if self.flow_steps < 1:
             raise ValueError(f"flow_steps must be at least 1, got {self.flow_steps}")
         if self.model is not None and self.model not in MODELS and ":" not in self.model:
@@ -102,6 +111,9 @@ class RunConfig:
         if not isinstance(d, dict):
             raise ConfigError("run", "must be a JSON object of settings", where)
         aliases = {"seed": "seed_data"}  # a Dataset's source names its seed "seed"
+        # a config without hidden widths is a Python fit's (or predates the demo's defaults): its amortized
+        # guide had AmortizedGuide's own default widths
+        d = {"hidden": SAVED_HIDDEN, **d}
         return dataclass_from_dict(cls, {aliases.get(k, k): v for k, v in d.items()}, where, "run")
 
 

@@ -7,7 +7,7 @@ from pvae.cli import main
 
 def test_train_writes_metrics_checkpoint_and_pictures_then_evaluate_and_sample(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", "--epochs", "2", "--hidden", "32", "--out", str(run), "--no-progress"]) == 0
+    assert main(["train", "--epochs", "2", "--hidden", "32", "--binarize", "dynamic", "--out", str(run), "--no-progress"]) == 0
     names = {p.name for p in run.iterdir()}
     assert {"config.json", "metrics.jsonl", "metrics.csv", "checkpoint.pt", "reconstructions.png",
             "samples.png", "latent.png", "manifold.png", "curves.png"} <= names

@@ -171,7 +171,7 @@ def test_torchrun_trains_from_the_command_line_and_errors_name_their_rank(tmp_pa
     of batches of 2 x 64; run again into that folder, rank 0's error stops both ranks, each saying so."""
     out = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-               "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "pvae", "train", "--epochs", "1",
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "pvae", "train", "--epochs", "1", "--binarize", "dynamic",
                "--hidden", "16", "--batch-size", "64", "--device", "cpu", "--no-progress", "--no-figures",
                "--out", str(out)]
     env = {**os.environ, **LOOPBACK, "OMP_NUM_THREADS": "1"}

@@ -256,7 +256,7 @@ def test_data_outside_0_1_or_nan_cannot_be_binarized():
 def test_a_guide_latent_of_the_wrong_size_is_named():
     data = pvae.load_dataset("digits", binarize="static")
     with pytest.raises(ProgramError, match=r"guide site 'z' has shape \(128, 3\) where the model's has \(128, 2\)"):
-        pvae.fit(mlp_vae(64, 2, (8,)), mlp_guide(64, 3, (8,)), data, pvae.FitConfig(epochs=1, progress=False))
+        pvae.fit(mlp_vae(64, 2, (8,)), mlp_guide(64, 3, (8,)), data, pvae.FitConfig(epochs=1, batch_size=128, progress=False))
 
 
 # ----------------------------------------------------------------------------- the disk
@@ -301,7 +301,7 @@ def test_a_full_disk_mid_run_keeps_the_last_checkpoint_and_says_so(small_disk):
             fill(small_disk)
 
     with pytest.raises(OSError) as e:
-        pvae.fit(mlp_vae(64, 2, (8,)), mlp_guide(64, 2, (8,)), data, pvae.FitConfig(epochs=3, progress=False),
+        pvae.fit(mlp_vae(64, 2, (8,)), mlp_guide(64, 2, (8,)), data, pvae.FitConfig(epochs=3, batch_size=128, progress=False),
                  out_dir=run, callbacks=[fill_in_epoch_2])
     assert message(e.value) == (f"{run / CHECKPOINT}: the disk is full (no space left on the device): free some space "
                                 f"or write elsewhere; {run / CHECKPOINT} keeps epoch 1 (step 11)")

@@ -25,7 +25,7 @@ from pvae.metrics import read_metrics
 from pvae.models import mlp_vae
 
 QUIET = dict(progress=False)
-RUN = ["--hidden", "16", "--batch-size", "256", "--no-progress", "--no-figures"]  # 6 steps an epoch
+RUN = ["--hidden", "16", "--batch-size", "256", "--binarize", "dynamic", "--no-progress", "--no-figures"]  # 6 steps an epoch
 
 
 def without_times(history):

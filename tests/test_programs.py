@@ -439,7 +439,7 @@ def test_the_three_guides_built_from_a_hierarchical_model_fit_and_compare(digits
     guides = {"amortized": AmortizedGuide(model, hidden=(32,)), "mean-field": MeanFieldGuide(model)}
     guides["semi-amortized"] = SemiAmortizedGuide(AmortizedGuide(model, hidden=(32,)), model, steps=2, lr=0.005)
     for name, guide in guides.items():
-        result = pvae.fit(model, guide, digits, pvae.FitConfig(epochs=3, **QUIET))
+        result = pvae.fit(model, guide, digits, pvae.FitConfig(epochs=3, batch_size=128, lr=1e-3, **QUIET))
         elbos = [r["train_elbo"] for r in result.history]
         assert elbos[-1] > elbos[0] + 1, (name, elbos)
         assert result.info.local == ("top", "bottom")
