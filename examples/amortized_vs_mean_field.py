@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate (default: 0.001)")
     p.add_argument("--local-lr", type=float, default=3e-2, help="mean-field: SparseAdam's learning rate for the local parameters (default: 0.03)")
     p.add_argument("--refine-steps", type=int, default=5, help="semi-amortized training: K (default: 5)")
-    p.add_argument("--refine-lr", type=float, default=1e-2, help="semi-amortized: the steps' size, in training and in the study (default: 0.01)")
+    p.add_argument("--refine-lr", type=float, default=0.05, help="semi-amortized: the natural-gradient steps' size, in training and in the study (default: 0.05)")
     p.add_argument("--datapoints", type=int, default=200, help="held-out images measured (default: 200)")
     p.add_argument("--study-refine-steps", type=int, nargs="+", default=[1, 5, 20, 100], help="the K of L[q_K] (default: 1 5 20 100)")
     p.add_argument("--quick", action="store_true", help="a smoke run: few particles and steps in the study (default: off)")

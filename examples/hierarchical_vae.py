@@ -103,8 +103,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--elbo", choices=("trace", "analytic-kl"), default="analytic-kl",
                    help="the training objective's KL: Monte Carlo or closed form where exact (default: analytic-kl)")
     p.add_argument("--refine-steps", type=int, default=5, help="semi-amortized training: K (default: 5)")
-    p.add_argument("--refine-lr", type=float, default=1e-2,
-                   help="the refinement's step size, in training and in the study (default: 0.01)")
+    p.add_argument("--refine-lr", type=float, default=0.05,
+                   help="the refinement's natural-gradient step size, in training and in the study (default: 0.05)")
     p.add_argument("--datapoints", type=int, default=100, help="held-out images in the gap study (default: 100)")
     p.add_argument("--study-refine-steps", type=int, nargs="+", default=[1, 5, 20],
                    help="the K of the study's L[q_K] (default: 1 5 20)")

@@ -116,7 +116,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--datapoints", type=int, default=100, help="held-out images in the gap study (default: 100)")
     p.add_argument("--study-refine-steps", type=int, nargs="+", default=[1, 5, 20],
                    help="the K of the study's L[q_K] (default: 1 5 20)")
-    p.add_argument("--refine-lr", type=float, default=1e-2, help="the study's refinement step size (default: 0.01)")
+    p.add_argument("--refine-lr", type=float, default=0.05, help="the study's refinement natural-gradient step size (default: 0.05)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: few particles and steps in the gap study (default: off, the study then uses "
                         f"{', '.join(f'{k} {v}' for k, v in STUDY.items())})")

@@ -134,6 +134,20 @@ class JointFamily:
         units[:, self.slices["loc"]] = self.unpack(raw)[JOINT]["scale"]
         return units
 
+    def inverse_fisher(self, params: dict) -> dict:
+        """The diagonal of the inverse Fisher information in refine's coordinates (see
+        :meth:`~pvae.guides.sites.LocalFamily.inverse_fisher`): the base Gaussian's, ``scale**2`` for its
+        locs and 1/2 for its log-scales, and 1 (a plain step) for the family's own parameters unless
+        :meth:`_extra_inverse_fisher` says otherwise."""
+        p = params[JOINT]
+        out = {"loc": p["scale"].square(), "scale": torch.full_like(p["scale"], 0.5)}
+        for key, _ in self._extra():
+            out[key] = self._extra_inverse_fisher(key, p)
+        return {JOINT: out} if self.sites else {}
+
+    def _extra_inverse_fisher(self, key: str, p: dict) -> torch.Tensor:
+        return torch.ones_like(p[key])
+
     def sample(self, params: dict, batch: Batch, noise: Optional[torch.Tensor] = None) -> dict:
         """``pyro.sample`` the auxiliary u in the data plate, then each site as a Delta at its value.
 
@@ -215,6 +229,13 @@ class FullCovarianceFamily(JointFamily):
         below[..., rows, cols] = p["tril"]
         return below + torch.diag_embed(p["scale"])
 
+    def _extra_inverse_fisher(self, key: str, p: dict) -> torch.Tensor:
+        """``scale[i]**2`` for each entry of row i below L's diagonal: where L is diagonal, the Fisher of
+        :math:`L_{ij}` is :math:`1 / \\sigma_i^2`, as for the loc of dimension i (a shear of u_i by u_j
+        moves the draws in units of u_i)."""
+        rows, _ = torch.tril_indices(self.dim, self.dim, -1, device=p["scale"].device)
+        return p["scale"][:, rows].square()
+
     def joint(self, params: dict):
         return dist.MultivariateNormal(params[JOINT]["loc"], scale_tril=self.scale_tril(params))
 
@@ -258,6 +279,14 @@ class PlanarFamily(JointFamily):
         flow = raw[:, self.slices["flow"]].view(rows, self.steps, 2 * self.dim + 1)
         flow[:, :, self.dim : 2 * self.dim] = 1.0 / math.sqrt(self.dim)  # w: any direction; a = 0 is the identity
         return raw
+
+    def _extra_inverse_fisher(self, key: str, p: dict) -> torch.Tensor:
+        """``scale**2`` for each map's displacement a (a step of a moves the draws in u's units, as a loc
+        does; at a = 0 its Fisher is :math:`E[\\tanh^2]/\\sigma^2`, at most the loc's), 1 for w and b,
+        whose Fisher vanishes at the identity map."""
+        units = torch.ones_like(p[key]).view(p[key].shape[0], self.steps, 2 * self.dim + 1)
+        units[..., : self.dim] = p["scale"].square().unsqueeze(-2)
+        return units.reshape(p[key].shape)
 
     def joint(self, params: dict):
         p = params[JOINT]

@@ -1,13 +1,20 @@
 """Semi-amortized inference (Kim et al. 2018): the encoder proposes q, a few gradient steps refine it.
 
 For each batch the encoder gives :math:`\\lambda_0`, the locs and log-scales of every continuous local
-site, and :math:`K` steps of gradient ascent on each datapoint's own ELBO, with the model held fixed,
+site, and :math:`K` natural-gradient steps of ascent on each datapoint's own ELBO, with the model held
+fixed,
 
-.. math:: \\lambda_{k+1} = \\lambda_k + \\eta\\, \\nabla_\\lambda \\mathcal L(x; \\theta, \\lambda_k),
+.. math:: \\lambda_{k+1} = \\lambda_k + \\eta\\, F(\\lambda_k)^{-1} \\nabla_\\lambda \\mathcal L(x; \\theta, \\lambda_k),
 
-give :math:`q_K(z \\mid x)`, the guide's distribution: all local sites are refined jointly. The steps
-are on the means and the log-scales (a step in log-scale is relative, so one step size suits wide and
-narrow posteriors alike); each uses ``num_particles`` reparameterized samples and the closed-form KL
+give :math:`q_K(z \\mid x)`, the guide's distribution: all local sites are refined jointly. F is the
+Fisher information of q, diagonal for a Normal in :math:`(\\mu, \\log\\sigma)`,
+:math:`\\mathrm{diag}(1/\\sigma^2, 2)`, so that :math:`\\mu \\mathrel{+}= \\eta\\, \\sigma^2\\, \\partial\\mathcal L/\\partial\\mu`
+and :math:`\\log\\sigma \\mathrel{+}= \\tfrac\\eta2\\, \\partial\\mathcal L/\\partial\\log\\sigma` (a joint family's
+:meth:`inverse_fisher` says its own). On a Gaussian posterior with q's scale at the posterior's, a step
+takes :math:`\\mu` the fraction :math:`\\eta` of the way to the posterior mean, whatever the posterior's
+precision: one step size suits wide and sharp posteriors alike, where plain gradient steps climb only
+for :math:`\\eta` below 2 / (the largest posterior precision) and made q worse on a trained
+Fashion-MNIST VAE. Each step uses ``num_particles`` reparameterized samples and the closed-form KL
 where it is exact. Discrete sites keep the encoder's logits; global sites are drawn from the
 encoder's global guide and held there during the steps.
 
@@ -60,11 +67,14 @@ class ParamsGuide:
 
 def refine(model, batch, params: dict, family: LocalFamily, steps: int, lr: float, num_particles: int = 1,
            globals_: Optional[nn.Module] = None, elbo=None) -> dict:
-    """``steps`` steps of gradient ascent with step size ``lr`` on each datapoint's ELBO under ``model``,
-    whose parameters stay as they are, in the locs and log-scales of every continuous local site (and a
-    joint family's other parameters, :mod:`pvae.guides.flows`).
-    Plain gradient steps climb for ``lr`` below 2 / (the bound's largest curvature, about the largest
-    posterior precision) and diverge above it, which raises a ``ValueError``.
+    """``steps`` natural-gradient steps of size ``lr`` up each datapoint's ELBO under ``model``, whose
+    parameters stay as they are, in the locs and log-scales of every continuous local site (and a joint
+    family's other parameters, :mod:`pvae.guides.flows`): each coordinate's gradient is multiplied by
+    ``family.inverse_fisher`` at the step's start, ``scale**2`` for a loc, 1/2 for a log-scale (module
+    docstring). ``lr`` is then a fraction of the way to a Gaussian posterior's mean, whatever its
+    precision; 0.05 (the default of ``pvae train`` and ``pvae compare``) climbed for K = 1, 5 and 20 on
+    Fashion-MNIST VAEs, 0.2 diverged there on single-particle noise. A step that diverges raises a
+    ``ValueError``.
 
     :param batch: the datapoints (a :class:`~pvae.programs.Batch` or a tensor).
     :param params: where to start (an encoder's :meth:`local_params`); detached here.
@@ -103,12 +113,14 @@ def refine(model, batch, params: dict, family: LocalFamily, steps: int, lr: floa
             # guide itself may be run under (training with particles, evaluation)
             guide = Program(ParamsGuide(family, current(), globals_), "guide")
             loss = sum(elbo.differentiable_loss(model, guide, batch) for _ in range(num_particles)) / num_particles
-            for key, grad in zip(list(coords), torch.autograd.grad(loss, leaves)):
-                coords[key] = (coords[key] - lr * grad).detach()
+            with torch.no_grad():
+                metric = family.inverse_fisher(current())  # at this step's start, not differentiated
+            for (n, k), grad in zip(list(coords), torch.autograd.grad(loss, leaves)):
+                coords[n, k] = (coords[n, k] - lr * metric[n][k] * grad).detach()
     # checked once: a step that diverges leaves inf or NaN behind, which every later step keeps
     if not all(torch.isfinite(t).all() for t in coords.values()):
-        raise ValueError(f"the refinement diverged: its step size {lr} is too large for this model's "
-                         "posterior curvature; take a smaller one")
+        raise ValueError(f"the refinement diverged: its step size {lr} is too large for this posterior "
+                         "and its Monte Carlo noise; take a smaller one")
     return current()
 
 
@@ -118,11 +130,11 @@ class SemiAmortizedGuide(nn.Module):
     :param encoder: the :class:`~pvae.guides.AmortizedGuide` whose q(z | x) starts the refinement.
     :param model: the model whose ELBO the steps climb, held by reference: its weights are its own.
     :param steps: K, refinement steps per batch; 0 makes this the amortized guide.
-    :param lr: the steps' size.
+    :param lr: the natural-gradient steps' size (see :func:`refine`).
     :param num_particles: samples of z per datapoint and refinement step.
     """
 
-    def __init__(self, encoder: AmortizedGuide, model, steps: int = 5, lr: float = 1e-2, num_particles: int = 1):
+    def __init__(self, encoder: AmortizedGuide, model, steps: int = 5, lr: float = 0.05, num_particles: int = 1):
         super().__init__()
         if steps < 0 or num_particles < 1:
             raise ValueError(f"steps must be >= 0 and num_particles >= 1, got {steps}, {num_particles}")

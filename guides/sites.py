@@ -293,6 +293,21 @@ class LocalFamily:
             units[:, self.slices[site.name]["loc"]] = params[site.name]["scale"]
         return units
 
+    def inverse_fisher(self, params: dict) -> dict:
+        """The diagonal of the inverse Fisher information of q in the coordinates that
+        :func:`~pvae.guides.semi_amortized.refine` steps in, at ``params``: a Normal's Fisher in
+        :math:`(\\mu, \\log\\sigma)` is :math:`\\mathrm{diag}(1 / \\sigma^2, 2)`, so ``scale**2`` for each loc
+        and 1/2 for each log-scale; a point mass has no Fisher, and its locs take 1 (a plain step).
+        ``{site: {key: (B, n)}}`` for the continuous sites."""
+        out = {}
+        for site in self.continuous:
+            p = params[site.name]
+            if self.point:
+                out[site.name] = {"loc": torch.ones_like(p["loc"])}
+            else:
+                out[site.name] = {"loc": p["scale"].square(), "scale": torch.full_like(p["scale"], 0.5)}
+        return out
+
     def reparameterize(self, params: dict, noise: torch.Tensor) -> dict:
         """The continuous sites' values :math:`T(\\mu + \\sigma \\epsilon)` at the draws ``noise``,
         ``(B, latent_size)`` with the sites' dimensions in order, each in its site's batch layout."""

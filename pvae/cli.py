@@ -354,7 +354,7 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument("--batch-size", type=POSITIVE_INT, default=d["batch_size"], help=f"datapoints optimized at once (default: {d['batch_size']})")
     k = p.add_argument_group("q_K, the encoder's q refined by K gradient steps")
     k.add_argument("--refine-steps", type=POSITIVE_INT, nargs="+", default=list(d["refine_steps"]), help=f"the values of K (default: {' '.join(map(str, d['refine_steps']))})")
-    k.add_argument("--refine-lr", type=POSITIVE, help="their step size (default: the run's --refine-lr, else 0.01)")
+    k.add_argument("--refine-lr", type=POSITIVE, help="their step size (default: the run's --refine-lr, else 0.05)")
     e = p.add_argument_group("estimates")
     e.add_argument("--elbo-particles", type=POSITIVE_INT, default=d["elbo_particles"], help=f"samples per datapoint of each ELBO of q and q_K (default: {d['elbo_particles']})")
     e.add_argument("--iwae-samples", type=POSITIVE_INT, default=d["iwae_samples"], help=f"samples per datapoint of log p(x), and of L[q*] on the same draws (default: {d['iwae_samples']})")
@@ -380,7 +380,7 @@ def run_compare(args) -> int:
     device = resolve_device(args.device)
     run = load_run(args.run, device)
     check_writable(run.path)
-    refine_lr = args.refine_lr if args.refine_lr is not None else getattr(run.config, "refine_lr", 1e-2)
+    refine_lr = args.refine_lr if args.refine_lr is not None else getattr(run.config, "refine_lr", CompareConfig.refine_lr)
     config = CompareConfig(
         batch_size=args.batch_size, init=args.init, particles=args.particles, max_steps=args.max_steps, tol=args.tol,
         refine_steps=tuple(args.refine_steps), refine_lr=refine_lr,

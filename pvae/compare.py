@@ -89,7 +89,7 @@ class CompareConfig:
     max_steps: int = 200  # L-BFGS iterations per datapoint at most
     tol: float = 1e-6  # q* has converged when a full L-BFGS step gains less than tol * |ELBO|
     refine_steps: tuple = (1, 5, 20)  # K of the semi-amortized bounds L[q_K]
-    refine_lr: float = 1e-2  # step size of the refinement
+    refine_lr: float = 0.05  # step size of the refinement's natural-gradient steps (guides.semi_amortized)
     elbo_particles: int = 1000  # samples per datapoint of each ELBO estimate of L[q] and L[q_K]
     # samples per datapoint of log p(x)'s importance-weighted estimate under q*, and of L[q*] on the same draws
     iwae_samples: int = 5000

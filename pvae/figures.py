@@ -438,7 +438,7 @@ def training_curves(histories: dict, path, title: str = "") -> Path:
 
 def posterior_densities(model, guide, data: Dataset, path, datapoints: int = 3, dims: int = 2,
                         split: Optional[str] = None, num_samples: int = 2000, refine_steps: int = 20,
-                        refine_lr: float = 1e-2, q_star_steps: int = 150, q_star_particles: int = 32) -> Path:
+                        refine_lr: float = 0.05, q_star_steps: int = 150, q_star_particles: int = 32) -> Path:
     """The marginal densities of the first ``dims`` code dimensions of the first ``datapoints`` of
     ``split``, under: the run's guide q; the encoder's q refined by ``refine_steps`` gradient steps
     (q_K, semi-amortized; for a guide with an encoder) or, for a semi-amortized guide, its encoder's

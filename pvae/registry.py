@@ -49,7 +49,7 @@ class RunConfig:
     layer_hidden: tuple = (200, 100)  # two-layer model: widths H1 (z1 -> H1 -> H1 -> x), H2 (z2 -> H2 -> H2 -> z1)
     flow_steps: int = 4  # planar guide: planar maps after the Gaussian
     refine_steps: int = 5  # semi-amortized guide: gradient steps refining the encoder's q per batch
-    refine_lr: float = 1e-2  # semi-amortized guide: the size of those steps
+    refine_lr: float = 0.05  # semi-amortized guide: the size of those natural-gradient steps (guides.semi_amortized)
     masking: float = 0.0  # denoising: probability that each input value of the encoder is zeroed in training
     input_noise: float = 0.0  # denoising: sigma of the Gaussian noise added to the encoder's input in training
     device: str = "auto"  # "auto": CUDA when available, else CPU

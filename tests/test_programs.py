@@ -437,7 +437,7 @@ def test_the_three_guides_built_from_a_hierarchical_model_fit_and_compare(digits
 
     model = Hierarchical()
     guides = {"amortized": AmortizedGuide(model, hidden=(32,)), "mean-field": MeanFieldGuide(model)}
-    guides["semi-amortized"] = SemiAmortizedGuide(AmortizedGuide(model, hidden=(32,)), model, steps=2, lr=0.005)
+    guides["semi-amortized"] = SemiAmortizedGuide(AmortizedGuide(model, hidden=(32,)), model, steps=2)
     for name, guide in guides.items():
         result = pvae.fit(model, guide, digits, pvae.FitConfig(epochs=3, batch_size=128, lr=1e-3, **QUIET))
         elbos = [r["train_elbo"] for r in result.history]
@@ -445,7 +445,7 @@ def test_the_three_guides_built_from_a_hierarchical_model_fit_and_compare(digits
         assert result.info.local == ("top", "bottom")
     assert elbos[-1] > -64 * math.log(2), "the semi-amortized fit should beat coin flips"
     tiny = CompareConfig(batch_size=10, particles=8, max_steps=20, elbo_particles=16, iwae_samples=32,
-                         refine_steps=(1, 3), refine_lr=0.002)
+                         refine_steps=(1, 3))
     result = compare_inference(model, digits.batch("test", slice(0, 10)), guides["amortized"], tiny)
     assert sorted(result.elbo_q_k) == [1, 3] and "top continuous (2,), bottom continuous (4,)" in result.settings["family"]
     assert_close(result.amortization_gap.mean, result.elbo_q_star.mean - result.elbo_q.mean, atol=1e-4)
@@ -549,7 +549,7 @@ def test_the_gap_study_keeps_a_models_pyro_params_and_serves_global_sites():
     fitted = pyro.param("shift").detach().clone()
     assert_close(fitted, 5.0, atol=0.5)
     tiny = CompareConfig(batch_size=20, particles=8, max_steps=20, elbo_particles=16, iwae_samples=32,
-                         refine_steps=(1,), refine_lr=0.001)
+                         refine_steps=(1,))
     result = compare_inference(model, x[:20], guide, tiny)
     assert torch.equal(pyro.param("shift").detach(), fitted)
     assert result.log_px.mean > -5.0, "with the fitted shift the data are likely; with a cleared one they are not"
