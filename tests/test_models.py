@@ -66,3 +66,25 @@ def test_amortized_guide_scale_is_positive_and_reparameterized():
     lw = log_weights(mlp_vae(6, 2, (8,), likelihood="continuous-bernoulli"), guide, x, num_particles=3)
     lw.log_w.sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in guide.parameters())
+
+
+def test_the_bernoulli_image_has_the_value_and_gradient_of_pyros_bernoulli_to_event():
+    """BernoulliImage sums before it negates: against Bernoulli(logits).to_event(1), the same log-density
+    and gradient in the logits, broadcast over a particle dimension, and the same mean and support."""
+    from pvae.models.likelihoods import Bernoulli, BernoulliImage
+
+    logits = torch.randn(3, 5, 7, requires_grad=True)  # (particles, datapoints, pixels)
+    x = torch.bernoulli(torch.full((5, 7), 0.4))
+    ours = Bernoulli()(logits)
+    assert isinstance(ours, BernoulliImage) and ours.event_shape == (7,) and ours.batch_shape == (3, 5)
+    reference = dist.Bernoulli(logits=logits).to_event(1)
+    value, expected = ours.log_prob(x), reference.log_prob(x)
+    assert value.shape == (3, 5)
+    assert_close(value, expected, atol=1e-5)
+    weights = torch.randn(3, 5)
+    (grad,) = torch.autograd.grad((value * weights).sum(), logits)
+    (grad_expected,) = torch.autograd.grad((expected * weights).sum(), logits)
+    assert_close(grad, grad_expected, atol=1e-6)
+    assert_close(ours.mean, reference.mean)
+    with pytest.raises(ValueError):
+        ours.log_prob(torch.full((5, 7), 0.5))  # validation is on in the tests: not a binary value
