@@ -32,6 +32,21 @@ def without_times(history):
     return [{k: v for k, v in r.items() if k not in ("seconds", "elapsed")} for r in history]
 
 
+@pytest.fixture(autouse=True)
+def sigint_as_python_sets_it():
+    """SIGINT with Python's own handler, as in a terminal: a shell that starts the suite in the
+    background (``make test &``) leaves SIGINT ignored, and a fit rightly leaves an ignored signal alone."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _sigint_default() -> None:  # in a child process before it runs: SIGINT as a terminal gives it
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @contextmanager
 def signal_at(signum: int, n: int, twice: bool = False):
     """Send ``signum`` to this process as the ``n``-th optimizer step begins (the n-th training step of
@@ -223,7 +238,8 @@ def test_runs_killed_at_random_moments_resume_to_the_uninterrupted_metrics(facto
     for i, (how, when) in enumerate(trials):
         run = tmp_path / f"run{i}"
         child = subprocess.Popen([sys.executable, "-m", "pvae", *argv, "--out", str(run)], env=env,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                 preexec_fn=_sigint_default)
         deadline = time.monotonic() + 120
         while not (run / "config.json").exists() and child.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)  # the child has imported torch and is about to train
