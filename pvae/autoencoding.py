@@ -37,6 +37,7 @@ from .estimate import Estimate
 from .codec import ProgramCodec
 from .protocols import Codec
 from .train import FitConfig, fit
+from .utils import set_seed
 
 # ----------------------------------------------------------------------------- the coders
 
@@ -123,6 +124,7 @@ def fit_autoencoder(data: Dataset, latent_dim: int, config: Optional[CoderConfig
     from pvae.models import FixedGaussian, mlp_autoencoder
 
     config = config or CoderConfig()
+    set_seed(config.seed)  # the initial weights: torch seeds itself differently in every process
     model = mlp_autoencoder(data.num_pixels, latent_dim, config.hidden, FixedGaussian(config.scale))
     guide = mlp_guide(data.num_pixels, latent_dim, config.hidden, family=point_mass, corruption=corruption)
     return _fitted(model, guide, data, config)
@@ -134,6 +136,7 @@ def fit_vae(data: Dataset, latent_dim: int, config: Optional[CoderConfig] = None
     from pvae.models import FixedGaussian, mlp_vae
 
     config = config or CoderConfig()
+    set_seed(config.seed)  # the initial weights
     model = mlp_vae(data.num_pixels, latent_dim, config.hidden, FixedGaussian(config.scale))
     return _fitted(model, mlp_guide(data.num_pixels, latent_dim, config.hidden), data, config)
 
