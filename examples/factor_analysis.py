@@ -50,7 +50,6 @@ References:
 """
 
 import argparse
-from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -60,11 +59,13 @@ from pyro.distributions import constraints
 
 import pvae
 from pvae import plots
-from pvae.compare import CompareConfig, compare_inference
+from pvae.compare import compare_inference
 from pvae.guides import AmortizedGuide, MeanFieldGuide
 from pvae.reports import comparison_table
 from pvae.run import write_comparison
 from pvae.utils import write_json
+
+from _study import add_study_arguments, study_config  # examples/_study.py: the gap study's flags
 
 QUICK = dict(batch_size=50, particles=10, max_steps=30, elbo_particles=100, iwae_samples=200, chunk_size=100)
 STUDY = dict(elbo_particles=1000, iwae_samples=2000)
@@ -171,18 +172,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Adam's learning rate for the encoder, q(W), mu and sigma (default: 0.02)")
     p.add_argument("--local-lr", type=float, default=0.1,
                    help="mean-field: SparseAdam's learning rate for the per-row parameters (default: 0.1)")
-    p.add_argument("--datapoints", type=int, default=200, help="held-out rows in the gap study (default: 200)")
-    p.add_argument("--study-refine-steps", type=int, nargs="+", default=[1, 5, 20],
-                   help="the K of the study's L[q_K] (default: 1 5 20)")
-    p.add_argument("--refine-lr", type=float, default=0.05, help="the study's refinement natural-gradient step size (default: 0.05)")
-    p.add_argument("--quick", action="store_true",
-                   help="a smoke run: few particles and steps in the gap study (default: off, the study then uses "
-                        f"{', '.join(f'{k} {v}' for k, v in STUDY.items())})")
-    p.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the batches (default: 0)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ... (default: auto)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="folder for curves.png, compare.json/.md/.png and loadings.json (default: None, write nothing)")
-    p.add_argument("--quiet", action="store_true", help="no per-epoch lines or progress bars (default: off)")
+    add_study_arguments(p, 200, "rows", "curves.png, compare.json/.md/.png and loadings.json", study=STUDY)
     args = p.parse_args(argv)
     if not 1 <= args.factors < args.features:
         p.error("--factors must be at least 1 and below --features")
@@ -218,8 +208,7 @@ def main(argv=None) -> dict:
 
     # the gap study on the amortized run: W at its guide's mean, mu and sigma at their fitted values
     x = data.batch("test", slice(0, args.datapoints))
-    study = CompareConfig(refine_steps=tuple(args.study_refine_steps), refine_lr=args.refine_lr, seed=args.seed,
-                          **(QUICK if args.quick else STUDY))
+    study = study_config(args, QUICK, STUDY)
     # compare_inference holds a model's global sites at its guide's mean by itself, but in this version of
     # pvae that conditioning trips its own program check ("observed site 'W' of the model is outside the
     # 'data' plate"), and its seeding clears Pyro's param store (mu, sigma): so the study gets the model

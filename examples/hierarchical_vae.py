@@ -42,7 +42,6 @@ References:
 """
 
 import argparse
-from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -51,14 +50,14 @@ from torch import nn
 
 import pvae
 from pvae import plots
-from pvae.compare import CompareConfig, compare_inference
+from pvae.compare import compare_inference
 from pvae.guides import AmortizedGuide, MeanFieldGuide, SemiAmortizedGuide
 from pvae.models.networks import mlp
 from pvae.reports import comparison_table
 from pvae.run import write_comparison
 
-QUICK = dict(batch_size=20, particles=10, max_steps=30, elbo_particles=50, iwae_samples=100, chunk_size=50)
-STUDY = dict(elbo_particles=500, iwae_samples=2000)
+from _study import add_study_arguments, study_config  # examples/_study.py: the gap study's flags
+
 GUIDES = ("amortized", "mean-field", "semi-amortized")
 
 
@@ -105,18 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--refine-steps", type=int, default=5, help="semi-amortized training: K (default: 5)")
     p.add_argument("--refine-lr", type=float, default=0.05,
                    help="the refinement's natural-gradient step size, in training and in the study (default: 0.05)")
-    p.add_argument("--datapoints", type=int, default=100, help="held-out images in the gap study (default: 100)")
-    p.add_argument("--study-refine-steps", type=int, nargs="+", default=[1, 5, 20],
-                   help="the K of the study's L[q_K] (default: 1 5 20)")
-    p.add_argument("--quick", action="store_true",
-                   help="a smoke run: few particles and steps in the gap study (default: off, the study then uses "
-                        f"{', '.join(f'{k} {v}' for k, v in STUDY.items())})")
-    p.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the batches (default: 0)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ... (default: auto)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="folder for the run folders, curves.png and compare.json/.md/.png "
-                        "(default: None, write nothing)")
-    p.add_argument("--quiet", action="store_true", help="no per-epoch lines or progress bars (default: off)")
+    add_study_arguments(p, 100, "images", "the run folders, curves.png and compare.json/.md/.png", refine_lr=False)
     args = p.parse_args(argv)
     if min(args.epochs, args.datapoints, args.top_dim, args.bottom_dim) < 1:
         p.error("--epochs, --datapoints, --top-dim and --bottom-dim must be at least 1")
@@ -147,8 +135,7 @@ def main(argv=None) -> dict:
 
     model, guide = fitted["amortized"]
     x = data.batch("test", slice(0, args.datapoints))
-    study = CompareConfig(refine_steps=tuple(args.study_refine_steps), refine_lr=args.refine_lr, seed=args.seed,
-                          **(QUICK if args.quick else STUDY))
+    study = study_config(args)
     comparison = compare_inference(model, x, guide, study, progress=not args.quiet,
                                    settings={"split": "test", "data": data.name})
 

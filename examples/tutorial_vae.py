@@ -40,7 +40,6 @@ References:
 """
 
 import argparse
-from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -49,10 +48,12 @@ import torch.nn as nn
 
 import pvae
 from pvae import plots
-from pvae.compare import CompareConfig, compare_inference
+from pvae.compare import compare_inference
 from pvae.guides import MeanFieldGuide
 from pvae.reports import comparison_table
 from pvae.run import write_comparison
+
+from _study import add_study_arguments, study_config  # examples/_study.py: the gap study's flags
 
 # ----------------------------------------------------------------------------- Pyro's tutorial, 784 -> 64
 
@@ -165,8 +166,6 @@ class VAE(nn.Module):
 
 # ----------------------------------------------------------------------------- the study
 
-QUICK = dict(batch_size=20, particles=10, max_steps=30, elbo_particles=50, iwae_samples=100, chunk_size=50)
-STUDY = dict(elbo_particles=500, iwae_samples=2000)
 GUIDES = ("amortized", "mean-field")
 
 
@@ -180,16 +179,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate for the networks (default: 0.001)")
     p.add_argument("--local-lr", type=float, default=3e-2,
                    help="mean-field: SparseAdam's learning rate for the per-image parameters (default: 0.03)")
-    p.add_argument("--datapoints", type=int, default=100, help="held-out images in the gap study (default: 100)")
-    p.add_argument("--quick", action="store_true",
-                   help="a smoke run: few particles and steps in the gap study (default: off, the study then uses "
-                        f"{', '.join(f'{k} {v}' for k, v in STUDY.items())})")
-    p.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the batches (default: 0)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ... (default: auto)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="folder for the two run folders, curves.png and compare.json/.md/.png "
-                        "(default: None, write nothing)")
-    p.add_argument("--quiet", action="store_true", help="no per-epoch lines or progress bars (default: off)")
+    add_study_arguments(p, 100, "images", "the two run folders, curves.png and compare.json/.md/.png",
+                        refine_steps=False, refine_lr=False)
     args = p.parse_args(argv)
     if min(args.epochs, args.datapoints, args.latent_dim, args.hidden) < 1:
         p.error("--epochs, --datapoints, --latent-dim and --hidden must be at least 1")
@@ -214,7 +205,7 @@ def main(argv=None) -> dict:
 
     vae = vaes["amortized"]
     x = data.batch("test", slice(0, args.datapoints))
-    study = CompareConfig(seed=args.seed, **(QUICK if args.quick else STUDY))
+    study = study_config(args)
     comparison = compare_inference(vae.model, x, vae.guide, study, progress=not args.quiet,
                                    settings={"split": "test", "data": data.name})
 

@@ -263,10 +263,12 @@ def load_example(name: str):
     spec = importlib.util.spec_from_file_location(f"pvae_example_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses and pickling look their module up here
+    sys.path.insert(0, str(EXAMPLES_DIR))  # as running the script does: its folder's _study.py
     try:
         spec.loader.exec_module(module)
     finally:
         del sys.modules[spec.name]
+        sys.path.remove(str(EXAMPLES_DIR))
     return module
 
 

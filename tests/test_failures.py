@@ -79,7 +79,8 @@ class _Parsed(Exception):
     pass
 
 
-@pytest.mark.parametrize("example", sorted(p.stem for p in (Path(__file__).parents[1] / "examples").glob("*.py")))
+@pytest.mark.parametrize("example", sorted(p.stem for p in (Path(__file__).parents[1] / "examples").glob("*.py")
+                                            if not p.name.startswith("_")))  # _study.py: no flags of its own
 def test_every_flag_of_every_example_has_help_and_a_shown_default(example, monkeypatch):
     import importlib.util
 
@@ -88,6 +89,7 @@ def test_every_flag_of_every_example_has_help_and_a_shown_default(example, monke
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
     path = Path(__file__).parents[1] / "examples" / f"{example}.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # as running the script does: its folder's _study.py
     spec = importlib.util.spec_from_file_location(f"example_{example}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
