@@ -377,7 +377,7 @@ def run_traced(program, batch: Batch, role: Optional[str] = None):
         ) from None
 
 
-def inspect_programs(model, guide, batch: Batch, check: bool = True) -> ProgramInfo:
+def inspect_programs(model, guide, batch: Batch, check: bool = True, dependency_rows: Optional[int] = None) -> ProgramInfo:
     """Trace ``guide`` and the model replayed on it once, and check that pvae can serve them.
 
     The closed-form KL of a site ``z`` is exact when the latents that the model's density of ``z``
@@ -386,6 +386,10 @@ def inspect_programs(model, guide, batch: Batch, check: bool = True) -> ProgramI
     two densities at the sampled parents. A guide that samples ``z2`` first and ``z1 | z2`` after
     breaks this for ``p(z2 | z1)``; such sites take the Monte Carlo term. The dependencies are read
     from autograd: which latent values each site's log-density is a function of.
+
+    :param dependency_rows: read those dependencies on the batch's first rows only (they do not depend
+        on the batch's size): for programs that run on any rows, as a fit's do. A guide bound to the
+        batch's rows (:class:`~pvae.guides.ParamsGuide`) needs the default, the whole batch.
     """
     model, guide = as_program(model, "model"), as_program(guide, "guide")
     batch = Batch.of(batch)
@@ -445,7 +449,8 @@ def inspect_programs(model, guide, batch: Batch, check: bool = True) -> ProgramI
             if name in enumerated:
                 raise ProgramError(f"site {name!r} is enumerated in the model and sampled in the guide: do one")
     reparam = all(getattr(s["fn"], "has_rsample", False) and not is_enumerated(s) for s in q_sites.values())
-    analytic = _exact_kl_sites(model, guide, batch, q_sites, p_sites, enumerated) if reparam else frozenset()
+    analytic = _exact_kl_sites(model, guide, batch, q_sites, p_sites, enumerated, dependency_rows) if reparam \
+        else frozenset()
     # a Delta beside an auxiliary site is a transform of that site's draw (a flow guide, Pyro's
     # AutoContinuous), its log-density the Jacobian's term: q has a density then
     views = any(is_auxiliary(s) for s in q_sites.values())
@@ -498,7 +503,7 @@ def _check_batch_dim(name, site, frame, data_dim, batch_size, role) -> None:
         )
 
 
-def _exact_kl_sites(model, guide, batch, q_sites, p_sites, enumerated) -> frozenset:
+def _exact_kl_sites(model, guide, batch, q_sites, p_sites, enumerated, rows: Optional[int] = None) -> frozenset:
     """The latent sites with a closed-form KL(q || p) that is exact in the ELBO (see
     :func:`inspect_programs`)."""
     names = [n for n in q_sites if n in p_sites and n not in enumerated]
@@ -513,7 +518,13 @@ def _exact_kl_sites(model, guide, batch, q_sites, p_sites, enumerated) -> frozen
         candidates.append(name)
     if not candidates:
         return frozenset()
-    latent_names = [n for n in q_sites]
+    if rows is not None and rows < len(batch):  # a few rows tell the same: traced afresh on them
+        batch = batch.rows(slice(0, rows))
+        with torch.no_grad(), poutine.block():
+            guide_trace = run_traced(guide, batch)
+            model_trace = run_traced(poutine.replay(model, trace=guide_trace), batch, "model")
+        q_sites, p_sites = latent_sites(guide_trace), sample_sites(model_trace)
+    latent_names = list(q_sites)
     q_parents = _parents(guide, batch, q_sites, latent_names)
     p_parents = _parents(model, batch, {n: p_sites[n] for n in names}, latent_names)
     children = {n: {m for m, ps in q_parents.items() if n in ps} for n in latent_names}

@@ -16,14 +16,20 @@ recorded only when you say so (``FitConfig(tape="always")``). A recording that m
 would get wrong falls back to the plain objective: a tensor value read into Python
 (``.item()``, ``bool(t)``, ``.tolist()``), a computed tensor that did not come from a recorded
 operation (one kept from an earlier step), a first replay whose value differs from a plain run's,
-an operation that fails when replayed.
+an operation that fails when replayed, a custom ``torch.autograd.Function`` (its forward is seen, its
+backward is not).
+
+A recording is simplified once, after it is made: a view that changes nothing (an ``expand`` or a
+``reshape`` to the shape it had, ``broadcast_tensors`` of tensors of one shape) is its input, and
+what is computed from constants alone (the prior's ``x.new_zeros(B, D)`` and ``1.0``, and the
+log-density's terms in them) is kept as computed.
 
 A tape is keyed by the batch's shapes, dtypes and devices, its size in the data set and its split,
 and the KL weight: a new key is recorded the second time it is seen in a row (so that a weight that
 changes every step, during KL warm-up, never is) and replayed after that.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
@@ -65,6 +71,18 @@ class _Call:
 
 
 _FOLDED = frozenset({"tensor", "as_tensor", "scalar_tensor"})  # constants made from Python numbers
+# views that may change nothing: such a call's output is its input when its shape, strides and storage are
+_VIEWS = frozenset({"reshape", "reshape_as", "view", "view_as", "expand", "expand_as", "broadcast_to",
+                    "broadcast_tensors", "contiguous", "flatten"})
+# functions of their tensors' values alone (no randomness, no state): computed once where those are constants
+_PURE = _VIEWS | frozenset({
+    "add", "sub", "rsub", "mul", "div", "true_divide", "neg", "pow", "square", "sqrt", "rsqrt", "reciprocal", "exp",
+    "expm1", "log", "log1p", "log2", "log10", "abs", "sign", "clamp", "clamp_min", "clamp_max", "lgamma", "digamma",
+    "sum", "mean", "prod", "logsumexp", "squeeze", "unsqueeze", "transpose", "t", "permute", "__getitem__",
+    "select", "narrow", "cat", "stack", "to", "float", "double", "type_as", "where", "minimum", "maximum",
+})
+# new tensors whose values are set by shapes, dtypes and devices only, whatever tensor they are made from
+_LIKE = frozenset({"new_zeros", "new_ones", "new_full", "zeros_like", "ones_like", "full_like", "zeros", "ones", "full"})
 
 
 def _holds_tensor(value) -> bool:
@@ -133,39 +151,114 @@ class _Recorder(TorchFunctionMode):
         self.calls.append(call)
 
 
-class _Recording:
-    """A replayable list of calls: inputs in slots ``0..n-1``, the result in slot ``result``."""
+def _tensor_args(call: _Call) -> list:
+    """``(slot or None, tensor or None)`` of every tensor argument: a recorded one by its slot, another
+    (a parameter, a constant) by itself."""
+    found = [(slot, None) for _, slot in call.arg_slots + call.kw_slots]
+    found += [(None, v) for v in list(call.args) + list(call.kwargs.values()) if isinstance(v, torch.Tensor)]
+    return found
 
-    def __init__(self, calls: list, num_slots: int, result: int):
-        self.calls, self.num_slots, self.result = calls, num_slots, result
+
+def _writes_in_place(call: _Call) -> bool:
+    name = _name(call.func)
+    return (name.endswith("_") and not name.startswith("__")) or name in ("__setitem__", "__iadd__", "__isub__",
+                                                                          "__imul__", "__itruediv__") \
+        or "out" in call.kwargs
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype and a.device == b.device
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and a.storage_offset() == b.storage_offset() and a.requires_grad == b.requires_grad)
+
+
+def simplify(calls: list, alive: list, folded: dict, result: int, fold: bool = True) -> tuple:
+    """``(calls, constants, result)``: the recording without the views that change nothing (their outputs
+    become their inputs) and, with ``fold``, without the calls on constants alone (their outputs, as
+    recorded, become ``constants``, ``{slot: tensor}``). Nothing is folded in a recording that writes
+    into a constant."""
+    alias, constant, kept = {}, set(), []
+    for call in calls:
+        if alias:
+            call = replace(call, arg_slots=[(i, alias.get(s, s)) for i, s in call.arg_slots],
+                           kw_slots=[(k, alias.get(s, s)) for k, s in call.kw_slots])
+        name = _name(call.func)
+        if name in _VIEWS and len(call.arg_slots) == len(call.outputs) and not call.kw_slots:
+            inputs = [s for _, s in sorted(call.arg_slots)]
+            if all(_same_view(alive[o], alive[s]) for o, s in zip(call.outputs, inputs)):
+                alias.update(zip(call.outputs, inputs))
+                continue
+        if fold and call.outputs and not any(alive[o].requires_grad for o in call.outputs) and (
+                name in _LIKE or name in _PURE and all(s in constant if s is not None else id(t) in folded
+                                                       for s, t in _tensor_args(call))):
+            constant.update(call.outputs)
+            continue
+        kept.append(call)
+    result = alias.get(result, result)
+    if constant and (result in constant or any(_writes_in_place(c) and c.arg_slots[:1]
+                                               and c.arg_slots[0][1] in constant for c in kept)):
+        return simplify(calls, alive, folded, result, fold=False)  # a constant written into, or constant
+    return kept, {s: alive[s] for s in constant}, result
+
+
+class _Recording:
+    """A replayable list of calls: inputs in slots ``0..n-1``, constants in theirs, the result in slot
+    ``result``. It is replayed as straight-line Python generated from the calls (``source``), one
+    statement per call, which costs a fraction of interpreting the list."""
+
+    def __init__(self, calls: list, num_inputs: int, result: int, constants: Optional[dict] = None):
+        self.calls = calls
+        self.source, self.replay = _compile(calls, num_inputs, result, constants or {})
         self.verified = False
 
-    def replay(self, inputs: list) -> torch.Tensor:
-        values = list(inputs) + [None] * (self.num_slots - len(inputs))
-        for call in self.calls:
-            args, kwargs = call.args, call.kwargs
-            if call.arg_slots:
-                args = args.copy()
-                for i, slot in call.arg_slots:
-                    args[i] = values[slot]
-            if call.kw_slots:
-                kwargs = kwargs.copy()
-                for k, slot in call.kw_slots:
-                    kwargs[k] = values[slot]
-            if call.spec is not None:
-                args, kwargs = tree_unflatten(args, call.spec)
-            if call.grad:
-                out = call.func(*args, **kwargs)
-            else:
-                with torch.no_grad():
-                    out = call.func(*args, **kwargs)
-            if call.single:
-                values[call.outputs[0]] = out
-            elif call.outputs:
-                tensors = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-                for slot, t in zip(call.outputs, tensors):
-                    values[slot] = t
-        return values[self.result]
+
+def _tensor_leaves(out) -> list:
+    return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+
+
+def _structured(func, spec, leaves):
+    args, kwargs = tree_unflatten(leaves, spec)
+    return func(*args, **kwargs)
+
+
+def _compile(calls: list, num_inputs: int, result: int, constants: dict) -> tuple:
+    """``(source, replay)``: a function ``replay(inputs)`` running ``calls`` on ``inputs``, with every
+    object the calls use other than recorded tensors (functions, parameters, constants, Python
+    values) bound by name in its namespace."""
+    namespace = {"_no_grad": torch.no_grad, "_leaves": _tensor_leaves, "_structured": _structured}
+
+    def bind(value) -> str:
+        hint = _name(value) if callable(value) else ""
+        name = f"{hint if hint.isidentifier() else 'k'}_{len(namespace)}"
+        namespace[name] = value
+        return name
+
+    lines = ["def replay(inputs):"]
+    if num_inputs:
+        lines.append(f"    {', '.join(f's{i}' for i in range(num_inputs))}, = inputs")
+    lines += [f"    s{slot} = {bind(value)}" for slot, value in constants.items()]
+    for call in calls:
+        args = [bind(a) for a in call.args]
+        for i, slot in call.arg_slots:
+            args[i] = f"s{slot}"
+        if call.spec is not None:
+            expr = f"_structured({bind(call.func)}, {bind(call.spec)}, [{', '.join(args)}])"
+        else:
+            kwargs = {k: bind(v) for k, v in call.kwargs.items()}
+            kwargs.update({k: f"s{slot}" for k, slot in call.kw_slots})
+            named = [f"{k}={v}" if k.isidentifier() else f"**{{{k!r}: {v}}}" for k, v in kwargs.items()]
+            expr = f"{bind(call.func)}({', '.join(args + named)})"
+        if call.single:
+            statement = f"s{call.outputs[0]} = {expr}"
+        elif call.outputs:
+            statement = f"{', '.join(f's{o}' for o in call.outputs)}, = _leaves({expr})"
+        else:
+            statement = expr
+        lines += [f"    {statement}"] if call.grad else ["    with _no_grad():", f"        {statement}"]
+    lines.append(f"    return s{result}")
+    source = "\n".join(lines) + "\n"
+    exec(compile(source, "<pvae.tape recording>", "exec"), namespace)  # noqa: S102 - code generated above
+    return source, namespace["replay"]
 
 
 def record(fn: Callable, inputs: list) -> tuple:
@@ -178,9 +271,12 @@ def record(fn: Callable, inputs: list) -> tuple:
     problem = recorder.problem
     if problem is None and (not isinstance(result, torch.Tensor) or id(result) not in recorder.slot_of):
         problem = "the objective's value did not come from a recorded operation"
+    if problem is None and any(not c.grad and recorder.alive[o].requires_grad for c in recorder.calls for o in c.outputs):
+        problem = "it uses a custom torch.autograd.Function, whose backward a recording cannot see"
     if problem is not None:
         return result, None, problem
-    return result, _Recording(recorder.calls, len(recorder.alive), recorder.slot_of[id(result)]), None
+    calls, constants, slot = simplify(recorder.calls, recorder.alive, recorder.folded, recorder.slot_of[id(result)])
+    return result, _Recording(calls, len(inputs), slot, constants), None
 
 
 class Tape:

@@ -254,8 +254,8 @@ def fit(
         generator = torch.Generator(device=device).manual_seed(config.seed)
         probe = _probe(data, config, shard, device)
         # one run builds lazily set-up guides and checks the programs; it is the first step's validation too
-        info = inspect_programs(model, guide, probe)
-        params = collect_params(model, guide, probe)
+        info = inspect_programs(model, guide, probe, dependency_rows=SETUP_ROWS)
+        params = collect_params(model, guide, probe.rows(slice(0, SETUP_ROWS)))  # a few rows find every parameter
         modules = [m for p in (model, guide) for m in program_modules(p)]
         tables = RowTables(guide.fn.row_tables(), data.train.shape[0], shard) if shard is not None and shard.by_row else None
         weighted = config.beta != 1.0 or config.kl_warmup_epochs > 0
@@ -300,6 +300,9 @@ def fit(
                      state.seconds, state.steps, info)
 
 
+SETUP_ROWS = 8  # what the set-up reads that does not depend on the batch's size, it reads on this many rows
+
+
 def _probe(data: Dataset, config: FitConfig, shard: Optional[Shard], device) -> Batch:
     """The first batch's worth of this rank's training rows: what lazily built guides are set up from."""
     rows = torch.arange(data.train.shape[0], device=device) if shard is None else shard.rows(data.train.shape[0], device)
@@ -326,12 +329,12 @@ def _loop(state: FitState, hooks: list, stop: "StopRequests") -> None:
         for module in modules:
             module.train()
         # the steps' losses stay on the device until the epoch ends: no host synchronization per step
-        losses = torch.zeros(steps_per_epoch, device=device)
+        losses = []
         done, seconds = 0, 0.0
         if state.progress is not None:  # resumed inside this epoch: the same batches from its start
             done, seconds = state.progress.batches, state.progress.seconds
             state.generator.set_state(state.progress.generator)
-            losses[:done] = state.progress.losses.to(device)
+            losses = list(state.progress.losses.to(device).unbind())
             state.progress = None
         epoch_generator = state.generator.get_state()
         start = time.perf_counter()
@@ -343,19 +346,19 @@ def _loop(state: FitState, hooks: list, stop: "StopRequests") -> None:
             signum = state.world.stop_signal(stop.signum, state.steps)  # the ranks stop at the same step
             if signum is not None:  # between steps, where the state is whole
                 if i > done:
-                    state.progress = EpochProgress(i, epoch_generator, losses[:i].clone(),
+                    state.progress = EpochProgress(i, epoch_generator, torch.stack(losses),
                                                    seconds + time.perf_counter() - start)
                 raise Interrupted(signum, f"in epoch {epoch} after {i} of its {steps_per_epoch} steps "
                                   f"(step {state.steps})", resumable=True)
             if warmup_steps:
                 step.kl_weight.weight = config.beta * min(1.0, (state.steps + 1) / warmup_steps)
-            losses[i] = step(batch)
+            losses.append(step(batch))
             state.steps += 1
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds += time.perf_counter() - start
         bar.close()
-        losses = losses.tolist()
+        losses = torch.stack(losses).tolist()
         _check_divergence(state, losses, epoch)
         state.seconds += seconds
         state.epoch = epoch

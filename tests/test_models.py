@@ -69,11 +69,15 @@ def test_amortized_guide_scale_is_positive_and_reparameterized():
 
 
 def test_the_bernoulli_image_has_the_value_and_gradient_of_pyros_bernoulli_to_event():
-    """BernoulliImage sums before it negates: against Bernoulli(logits).to_event(1), the same log-density
-    and gradient in the logits, broadcast over a particle dimension, and the same mean and support."""
+    """BernoulliImage (exp and log on the CPU, not the cross-entropy's log1p): against
+    Bernoulli(logits).to_event(1), the same log-density and gradient in the logits, broadcast over a
+    particle dimension, at logits of 0 (where |l| has no gradient) and of +-20 and +-200 (where exp
+    overflows if written carelessly), and the same mean and support."""
     from pvae.models.likelihoods import Bernoulli, BernoulliImage
 
-    logits = torch.randn(3, 5, 7, requires_grad=True)  # (particles, datapoints, pixels)
+    logits = 4 * torch.randn(3, 5, 7)  # (particles, datapoints, pixels)
+    logits[0, :, :5] = torch.tensor([0.0, 20.0, -20.0, 200.0, -200.0])
+    logits.requires_grad_(True)
     x = torch.bernoulli(torch.full((5, 7), 0.4))
     ours = Bernoulli()(logits)
     assert isinstance(ours, BernoulliImage) and ours.event_shape == (7,) and ours.batch_shape == (3, 5)

@@ -175,3 +175,75 @@ def test_record_refuses_unrecorded_tensors_and_values_read_into_python():
     for _ in range(2):
         tape(lambda t: (w * t).sum(), "key", [x])
     assert_close(tape(lambda t: (w * t).sum(), "key", [2 * x]), (2 * x).sum(), atol=1e-6)
+
+
+class Twice(torch.autograd.Function):
+    """A custom autograd function: a recording sees the operations of its forward, without gradients."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return 2 * t
+
+    @staticmethod
+    def backward(ctx, grad):
+        return 2 * grad
+
+
+def test_record_refuses_a_custom_autograd_function():
+    """Its forward runs without gradients inside the recording: replayed, the objective would have no
+    gradient through it."""
+    w = torch.ones(3, requires_grad=True)
+    _, recording, problem = record(lambda x: Twice.apply(w * x).sum(), [torch.randn(3)])
+    assert recording is None and "torch.autograd.Function" in problem
+
+
+def test_a_recording_drops_views_that_change_nothing_and_keeps_constants_as_computed():
+    """A VAE's recording has no same-shape expand/reshape/broadcast and no call on the prior's zeros and
+    ones, and its replay keeps the value and gradient (on another batch, other draws alike)."""
+    model, guide = mlp_vae(12, 2, (8,)), mlp_guide(12, 2, (8,))
+    first, second = (Batch(b.x, b.idx, 100, {}, "train") for b in batches(2))
+    m, g = Program(model), Program(guide, "guide")
+    info = inspect_programs(m, g, first)
+    params = collect_params(m, g, first)
+    elbo = make_elbo("trace", 1, info)
+    fn = lambda x, idx: elbo.differentiable_loss(m, g, Batch(x, idx, 100, {}, "train"))  # noqa: E731
+    with pyro.validation_enabled(False):
+        _, recording, problem = record(fn, [first.x, first.idx])
+        assert problem is None
+        names = [c.func.__name__ for c in recording.calls]
+        assert not {"expand", "reshape", "broadcast_tensors", "new_zeros"} & set(names), names
+        assert "linear" in names and "normal_" in names
+        torch.manual_seed(3)
+        ours = recording.replay([second.x, second.idx])
+        torch.manual_seed(3)
+        theirs = fn(second.x, second.idx)
+    assert_close(ours, theirs, rtol=1e-6, msg="loss")
+    for a, b in zip(torch.autograd.grad(ours, params), torch.autograd.grad(theirs, params)):
+        assert_close(a, b, rtol=1e-5, atol=1e-6, msg="gradient")
+
+
+def test_what_is_not_a_constant_is_not_kept():
+    """``x.new_zeros`` is a constant until a program adds into it in place (each replay must start from
+    zeros again); a tensor the program reads but did not make (a buffer set between steps) is read
+    afresh; a reshape that changes the shape stays."""
+    w = torch.ones(3, requires_grad=True)
+    temperature = torch.tensor(1.0)
+
+    def accumulates(x):
+        total = x.new_zeros(3)
+        total += x
+        return (w * total).sum()
+
+    def reads_a_buffer(x):
+        return (w * x * (temperature * 2)).sum()
+
+    def reshapes(x):
+        return (w * x.reshape(2, 3)).sum()
+
+    x = torch.randn(3)
+    for fn, data in ((accumulates, x), (reads_a_buffer, x), (reshapes, torch.randn(6))):
+        _, recording, problem = record(fn, [data])
+        assert problem is None
+        for scale in (2.0, 3.0):
+            temperature.fill_(scale)
+            assert_close(recording.replay([scale * data]), fn(scale * data), atol=1e-6, msg=fn.__name__)
