@@ -172,6 +172,27 @@ def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
             and a.storage_offset() == b.storage_offset() and a.requires_grad == b.requires_grad)
 
 
+_NEUTRAL = {"add": (0.0, (0, 1)), "sub": (0.0, (1,)), "mul": (1.0, (0, 1)), "div": (1.0, (1,))}
+
+
+def _identity_of(call: _Call, name: str, alive: list, constant: set) -> Optional[int]:
+    """The slot ``call`` returns unchanged, where it adds or subtracts a constant zero, or multiplies or
+    divides by a constant one (the prior's loc and scale), and changes neither shape nor type; else None."""
+    if name not in _NEUTRAL or call.kwargs or call.kw_slots or len(call.arg_slots) != 2 or not call.single:
+        return None
+    neutral, positions = _NEUTRAL[name]
+    slots = dict(call.arg_slots)
+    out = alive[call.outputs[0]]
+    for position in positions:
+        other = slots.get(1 - position)
+        if slots.get(position) in constant and other not in constant and other is not None:
+            value, kept = alive[slots[position]], alive[other]
+            if (kept.shape == out.shape and kept.dtype == out.dtype and kept.requires_grad == out.requires_grad
+                    and bool((value == neutral).all())):
+                return other
+    return None
+
+
 def simplify(calls: list, alive: list, folded: dict, result: int, fold: bool = True) -> tuple:
     """``(calls, constants, result)``: the recording without the views that change nothing (their outputs
     become their inputs) and, with ``fold``, without the calls on constants alone (their outputs, as
@@ -188,6 +209,9 @@ def simplify(calls: list, alive: list, folded: dict, result: int, fold: bool = T
             if all(_same_view(alive[o], alive[s]) for o, s in zip(call.outputs, inputs)):
                 alias.update(zip(call.outputs, inputs))
                 continue
+        if fold and (other := _identity_of(call, name, alive, constant)) is not None:
+            alias[call.outputs[0]] = other  # x + 0, x - 0, x * 1, x / 1: x
+            continue
         if fold and call.outputs and not any(alive[o].requires_grad for o in call.outputs) and (
                 name in _LIKE or name in _PURE and all(s in constant if s is not None else id(t) in folded
                                                        for s, t in _tensor_args(call))):

@@ -247,3 +247,24 @@ def test_what_is_not_a_constant_is_not_kept():
         for scale in (2.0, 3.0):
             temperature.fill_(scale)
             assert_close(recording.replay([scale * data]), fn(scale * data), atol=1e-6, msg=fn.__name__)
+
+
+def test_adding_a_constant_zero_or_multiplying_by_a_constant_one_is_dropped():
+    """x - 0 and x * 1 are x (a standard normal prior's loc and scale); 0 - x and x * 2 stay."""
+    w = torch.ones(3, requires_grad=True)
+
+    def neutral(x):
+        return ((w * x - x.new_zeros(3)) * x.new_ones(3)).sum()
+
+    def not_neutral(x):
+        return ((x.new_zeros(3) - w * x) * x.new_full((3,), 2.0)).sum()
+
+    x = torch.randn(3)
+    for fn, left in ((neutral, {"mul", "sum"}), (not_neutral, {"mul", "sub", "mul", "sum"})):
+        _, recording, problem = record(fn, [x])
+        assert problem is None and {c.func.__name__ for c in recording.calls} == left, recording.source
+        ours = recording.replay([2 * x])
+        (grad,) = torch.autograd.grad(ours, w)
+        theirs = fn(2 * x)
+        assert_close(ours, theirs, atol=1e-6, msg=fn.__name__)
+        assert_close(grad, torch.autograd.grad(theirs, w)[0], atol=1e-6, msg=fn.__name__)
