@@ -90,5 +90,9 @@ def test_the_bernoulli_image_has_the_value_and_gradient_of_pyros_bernoulli_to_ev
     (grad_expected,) = torch.autograd.grad((expected * weights).sum(), logits)
     assert_close(grad, grad_expected, atol=1e-6)
     assert_close(ours.mean, reference.mean)
+    with torch.no_grad():  # written in place where no gradient is needed: the same value, the logits untouched
+        before = logits.detach().clone()
+        assert_close(ours.log_prob(x), expected, atol=1e-5, msg="without gradients")
+        assert torch.equal(logits, before)
     with pytest.raises(ValueError):
         ours.log_prob(torch.full((5, 7), 0.5))  # validation is on in the tests: not a binary value
