@@ -264,7 +264,7 @@ def fit(
             model, guide, elbo, make_optimizers(params, modules, config.lr, config.local_lr), params,
             kl_weight=KLWeight(config.beta) if weighted else None, validate=config.validate,
             sync=GradientSync(params, [] if tables is None else guide.fn.row_tables()) if world.distributed else None,
-            tape=not world.distributed and _use_tape(config, model, guide, elbo),
+            tape=_use_tape(config, model, guide, elbo),
         )
     if world.distributed:  # every rank starts from rank 0's weights, then draws noise of its own
         world.broadcast([p for p in params if p not in tables] if tables is not None else params)

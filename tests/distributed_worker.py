@@ -105,12 +105,17 @@ def digits():
 
 
 class FirstNoise(pvae.Callback):
-    """The first numbers the steps' noise will come from (the random state is put back)."""
+    """The first numbers the steps' noise will come from (the random state is put back), and whether the
+    steps replayed a recorded objective (pvae.tape)."""
 
     def on_fit_start(self, state):
         before = torch.get_rng_state()
         self.noise = torch.randn(4)
         torch.set_rng_state(before)
+
+    def on_fit_end(self, state):
+        tape = state.step.tape
+        self.recorded = tape is not None and not tape.off and any(r.verified for r in tape.recordings.values())
 
 
 def fit_vae(batch_size: int, epochs: int, seed: int = 0, callbacks=()):
@@ -166,7 +171,8 @@ def scenario_from_one(folder: Path, rank: int) -> dict:
 def scenario_vae(folder: Path, rank: int) -> dict:
     first = FirstNoise()
     model, guide, history = fit_vae(32, 3, callbacks=[first])
-    return {"history": history, "model": model.state_dict(), "guide": guide.state_dict(), "noise": first.noise}
+    return {"history": history, "model": model.state_dict(), "guide": guide.state_dict(), "noise": first.noise,
+            "recorded": first.recorded}
 
 
 class TermAfterFirstEpoch(pvae.Callback):

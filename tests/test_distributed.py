@@ -155,6 +155,7 @@ def test_vae_elbo_curves_of_two_ranks_and_one_process_agree_within_monte_carlo_e
         for key, value in two[0][part].items():
             assert torch.equal(value, two[1][part][key]), f"{part} {key} differs between the ranks"
     assert not torch.equal(two[0]["noise"], two[1]["noise"]), "each rank draws noise of its own"
+    assert two[0]["recorded"] and two[1]["recorded"], "each rank replays its recorded objective"
 
 
 def test_a_rank_that_fails_stops_every_rank_and_is_named(ranks):
