@@ -112,16 +112,27 @@ def refine(model, batch, params: dict, family: LocalFamily, steps: int, lr: floa
             # one particle at a time, not vectorized: a particle plate here would collide with the one the
             # guide itself may be run under (training with particles, evaluation)
             guide = Program(ParamsGuide(family, current(), globals_), "guide")
-            loss = sum(elbo.differentiable_loss(model, guide, batch) for _ in range(num_particles)) / num_particles
+            try:
+                loss = sum(elbo.differentiable_loss(model, guide, batch) for _ in range(num_particles)) / num_particles
+            except ValueError:  # Pyro's validation meets a scale that the last step made 0, inf or NaN
+                _check_finite(current(), lr)
+                raise
             with torch.no_grad():
                 metric = family.inverse_fisher(current())  # at this step's start, not differentiated
             for (n, k), grad in zip(list(coords), torch.autograd.grad(loss, leaves)):
                 coords[n, k] = (coords[n, k] - lr * metric[n][k] * grad).detach()
-    # checked once: a step that diverges leaves inf or NaN behind, which every later step keeps
-    if not all(torch.isfinite(t).all() for t in coords.values()):
+    # checked once (no host synchronization per step): a step that diverges leaves inf, NaN or a zero scale
+    # behind, which every later step keeps, or which the next step's distributions refuse
+    refined = current()
+    _check_finite(refined, lr)
+    return refined
+
+
+def _check_finite(params: dict, lr: float) -> None:
+    """Raise where a refinement step left a parameter inf or NaN, or a scale 0."""
+    if not all(torch.isfinite(v).all() and (k != "scale" or (v > 0).all()) for p in params.values() for k, v in p.items()):
         raise ValueError(f"the refinement diverged: its step size {lr} is too large for this posterior "
                          "and its Monte Carlo noise; take a smaller one")
-    return current()
 
 
 class SemiAmortizedGuide(nn.Module):

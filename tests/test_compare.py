@@ -258,3 +258,13 @@ def test_refinement_steps_are_natural_gradient_steps_whatever_the_posterior_scal
         expected.append(d)
     assert all(a > b for a, b in zip(errors, errors[1:])), f"not monotone: {errors}"
     assert_close(torch.tensor(errors), torch.tensor(expected), atol=0.04, msg="log-scale error")
+
+
+def test_a_diverging_refinement_says_so_in_one_line():
+    """A step far too large leaves a scale of 0 or inf; the next step's Normal refuses it in Pyro's words
+    unless the refinement says what happened first."""
+    torch.manual_seed(0)
+    model, x, mean, std = sharp_linear_gaussian(8)
+    family = LocalFamily(model_sites(model, x))
+    with pytest.raises(ValueError, match=r"^the refinement diverged: its step size 50.0 is too large"):
+        refine(model, x, {"z": {"loc": mean + 3 * std, "scale": 20 * std}}, family, 10, 50.0)
