@@ -24,6 +24,7 @@ from torch import nn
 
 from pvae.models.networks import ACTIVATIONS, ConvEncoder, mlp
 from pvae.programs import Batch, ProgramError
+from pvae.protocols import is_static
 
 from .sites import LocalFamily, SiteGuide, gaussian_sites
 
@@ -48,7 +49,9 @@ class AmortizedGuide(SiteGuide):
         training mode only (a denoising autoencoder; :mod:`pvae.guides.corruption`).
     :param static_structure: the body runs the same operations on every batch of a shape, so that
         ``fit`` may record the objective once (:mod:`pvae.tape`); by default true for pvae's own
-        bodies (the MLP, :class:`~pvae.models.networks.ConvEncoder`) and false for a body of yours.
+        bodies (the MLP, :class:`~pvae.models.networks.ConvEncoder`,
+        :class:`~pvae.models.two_layer.BottomUpEncoder`) and for a body that declares it
+        (``static_structure = True``), false for another body of yours.
     """
 
     def __init__(self, model=None, *, sites=None, body: Optional[nn.Module] = None, hidden: Sequence[int] = (400,),
@@ -58,7 +61,7 @@ class AmortizedGuide(SiteGuide):
         super().__init__(model, sites, family)
         self.corruption = corruption
         if static_structure is None:
-            static_structure = body is None or isinstance(body, ConvEncoder)
+            static_structure = body is None or is_static(body)
         self.static_structure = static_structure
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}")

@@ -53,6 +53,8 @@ class ConvEncoder(nn.Module):
     """x (..., C * 28 * 28) -> (..., 64 * 7 * 7) features: two stride-2 convs (an encoder's body; the
     guide adds the linear head sized to the model's latent sites)."""
 
+    static_structure = True  # the same operations on every batch (pvae.protocols.StaticProgram)
+
     def __init__(self, image_shape):
         super().__init__()
         check_conv_shape(image_shape)

@@ -33,10 +33,14 @@ class TwoLayerVAE(nn.Module):
 
     :param top: maps z2 ``(..., D2)`` to the loc and the softplus-scale of p(z1 | z2), ``(..., 2 D1)``.
     :param decoder: maps z1 ``(..., D1)`` to the likelihood's parameters.
+    :param static_structure: ``top`` and ``decoder`` run the same operations on every batch of a shape,
+        so that ``fit`` may record the objective once (:mod:`pvae.tape`); true for :func:`two_layer_vae`'s.
     """
 
-    def __init__(self, top: nn.Module, decoder: nn.Module, likelihood, latent_dims: tuple):
+    def __init__(self, top: nn.Module, decoder: nn.Module, likelihood, latent_dims: tuple,
+                 static_structure: bool = False):
         super().__init__()
+        self.static_structure = static_structure
         self.top, self.decoder, self.likelihood = top, decoder, likelihood
         self.latent_dims = tuple(latent_dims)
         self.latent_dim = self.latent_dims[1]  # of the prior p(z2): what samples are drawn from
@@ -66,6 +70,8 @@ class BottomUpEncoder(nn.Module):
     (one flat parameter vector per datapoint), which the gap study optimizes and refines per datapoint.
     """
 
+    static_structure = True  # the same operations on every batch (pvae.protocols.StaticProgram)
+
     def __init__(self, in_features: int, hidden: Sequence[int] = (200, 100), activation: str = "tanh"):
         super().__init__()
         if len(hidden) != 2:
@@ -94,4 +100,4 @@ def two_layer_vae(
     lik = make_likelihood(likelihood)
     top = mlp([d2, hidden[1], hidden[1], 2 * d1], activation)
     decoder = mlp([d1, hidden[0], hidden[0], lik.params_per_pixel * num_pixels], activation)
-    return TwoLayerVAE(top, decoder, lik, (d1, d2))
+    return TwoLayerVAE(top, decoder, lik, (d1, d2), static_structure=True)

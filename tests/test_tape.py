@@ -76,16 +76,23 @@ def test_a_replayed_step_has_the_value_and_gradient_of_pyros_elbo():
     assert step.tape.recordings[next(iter(step.tape.recordings))].verified and not step.tape.off
 
 
-@pytest.mark.parametrize("guide_name", ["amortized", "mean-field"])
+@pytest.mark.parametrize("guide_name", ["amortized", "mean-field", "planar", "full-covariance", "two-layer"])
 def test_fit_with_the_tape_gives_the_same_run_as_without(guide_name):
     """Bit for bit: the same draws, the same steps, the same weights; through KL warm-up (a weight that
-    changes every step is never recorded) and the last, smaller batch of each epoch."""
+    changes every step is never recorded) and the last, smaller batch of each epoch; for guides of
+    every family and a model with two stochastic layers."""
+    from pvae.guides.flows import FullCovariance, PlanarFlow
+    from pvae.models.two_layer import two_layer_vae
+
     data = pvae.load_dataset("digits", binarize="static")
     runs = {}
     for tape in ("never", "auto"):
         pvae.set_seed(0)
-        model = mlp_vae(64, 2, (16,))
-        guide = mlp_guide(64, 2, (16,)) if guide_name == "amortized" else MeanFieldGuide(model)
+        model = two_layer_vae(64, (3, 2), (16, 8)) if guide_name == "two-layer" else mlp_vae(64, 2, (16,))
+        guide = {"amortized": lambda: mlp_guide(64, 2, (16,)), "mean-field": lambda: MeanFieldGuide(model),
+                 "planar": lambda: mlp_guide(64, 2, (16,), family=PlanarFlow(2)),
+                 "full-covariance": lambda: mlp_guide(64, 2, (16,), family=FullCovariance()),
+                 "two-layer": lambda: AmortizedGuide(model, hidden=(16,))}[guide_name]()
         config = pvae.FitConfig(epochs=3, batch_size=256, kl_warmup_epochs=1, tape=tape, **QUIET)
         result = pvae.fit(model, guide, data, config)
         runs[tape] = ([r["train_loss"] for r in result.history], [p.detach() for p in guide.parameters()])
