@@ -197,8 +197,8 @@ def simplify(calls: list, alive: list, folded: dict, result: int, fold: bool = T
     """``(calls, constants, result)``: the recording without the views that change nothing (their outputs
     become their inputs) and, with ``fold``, without the calls on constants alone (their outputs, as
     recorded, become ``constants``, ``{slot: tensor}``). Nothing is folded in a recording that writes
-    into a constant."""
-    alias, constant, kept = {}, set(), []
+    into a constant, and no ``x + 0`` is dropped where a write in place could tell ``x`` from the sum."""
+    alias, constant, kept, identities = {}, set(), [], set()
     for call in calls:
         if alias:
             call = replace(call, arg_slots=[(i, alias.get(s, s)) for i, s in call.arg_slots],
@@ -211,6 +211,7 @@ def simplify(calls: list, alive: list, folded: dict, result: int, fold: bool = T
                 continue
         if fold and (other := _identity_of(call, name, alive, constant)) is not None:
             alias[call.outputs[0]] = other  # x + 0, x - 0, x * 1, x / 1: x
+            identities.add(other)
             continue
         if fold and call.outputs and not any(alive[o].requires_grad for o in call.outputs) and (
                 name in _LIKE or name in _PURE and all(s in constant if s is not None else id(t) in folded
@@ -219,9 +220,9 @@ def simplify(calls: list, alive: list, folded: dict, result: int, fold: bool = T
             continue
         kept.append(call)
     result = alias.get(result, result)
-    if constant and (result in constant or any(_writes_in_place(c) and c.arg_slots[:1]
-                                               and c.arg_slots[0][1] in constant for c in kept)):
-        return simplify(calls, alive, folded, result, fold=False)  # a constant written into, or constant
+    written = {c.arg_slots[0][1] for c in kept if _writes_in_place(c) and c.arg_slots[:1]}
+    if result in constant or written & (constant | identities):
+        return simplify(calls, alive, folded, result, fold=False)  # a constant or an x + 0 written into
     return kept, {s: alive[s] for s in constant}, result
 
 

@@ -232,7 +232,7 @@ def test_a_recording_drops_views_that_change_nothing_and_keeps_constants_as_comp
 def test_what_is_not_a_constant_is_not_kept():
     """``x.new_zeros`` is a constant until a program adds into it in place (each replay must start from
     zeros again); a tensor the program reads but did not make (a buffer set between steps) is read
-    afresh; a reshape that changes the shape stays."""
+    afresh; a reshape that changes the shape stays; ``y = x - 0`` stays where ``y`` is written into."""
     w = torch.ones(3, requires_grad=True)
     temperature = torch.tensor(1.0)
 
@@ -247,8 +247,14 @@ def test_what_is_not_a_constant_is_not_kept():
     def reshapes(x):
         return (w * x.reshape(2, 3)).sum()
 
+    def writes_into_a_difference(x):  # y = base - 0 is not base when y is written into
+        base = w * x
+        y = base - x.new_zeros(3)
+        y.mul_(2)
+        return (base + y).sum()
+
     x = torch.randn(3)
-    for fn, data in ((accumulates, x), (reads_a_buffer, x), (reshapes, torch.randn(6))):
+    for fn, data in ((accumulates, x), (reads_a_buffer, x), (reshapes, torch.randn(6)), (writes_into_a_difference, x)):
         _, recording, problem = record(fn, [data])
         assert problem is None
         for scale in (2.0, 3.0):
