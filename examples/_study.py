@@ -1,4 +1,5 @@
-"""What the examples that end in the gap study share: the study's flags and its two presets.
+"""What the examples that end in the gap study share: the study's flags and its two presets, the
+lines that sum up each training run, and the files that the study writes.
 
 Not an example of its own (the tests pass over files whose names start with ``_``): each example
 imports it from its own folder, which Python puts first on ``sys.path`` when it runs the example.
@@ -7,7 +8,9 @@ imports it from its own folder, which Python puts first on ``sys.path`` when it 
 import argparse
 from pathlib import Path
 
+from pvae import plots
 from pvae.compare import CompareConfig
+from pvae.run import write_comparison
 
 # the study of a smoke run: few particles and steps
 QUICK = dict(batch_size=20, particles=10, max_steps=30, elbo_particles=50, iwae_samples=100, chunk_size=50)
@@ -42,3 +45,19 @@ def study_config(args: argparse.Namespace, quick: dict = QUICK, study: dict = ST
     if hasattr(args, "study_refine_steps"):
         refine = dict(refine_steps=tuple(args.study_refine_steps), refine_lr=args.refine_lr)
     return CompareConfig(seed=args.seed, **refine, **(quick if args.quick else study))
+
+
+def print_training(histories: dict, width: int) -> None:
+    """One line per run of ``histories`` (``{name: per-epoch records}``): its last training-row ELBO, its
+    test ELBO where it was evaluated, and its seconds of training."""
+    for name, history in histories.items():
+        record = history[-1]
+        test = f", test ELBO {record['test_elbo']:9.3f}" if "test_elbo" in record else ""
+        print(f"  {name:<{width}} train ELBO {record['train_elbo']:9.3f} nats{test}  "
+              f"({record['elapsed']:.1f} s of training)")
+
+
+def write_study(out: Path, histories: dict, comparison) -> list:
+    """``curves.png`` (the runs' training-row ELBO) and ``compare.json/.md/.png`` in ``out``: their paths."""
+    return [plots.plot_curves(histories, out / "curves.png", keys=("train_elbo",)),
+            *write_comparison(out, comparison, "compare")]

@@ -37,6 +37,8 @@ from pvae.registry import RunConfig, build, load_data
 from pvae.reports import comparison_table
 from pvae.run import write_comparison
 
+from _study import print_training  # examples/_study.py
+
 GUIDES = ("amortized", "mean-field", "semi-amortized")
 
 
@@ -85,10 +87,10 @@ def main(argv=None) -> dict:
         result = pvae.fit(model, guide, data, fit_config, out_dir=runs[guide_name], device=device,
                           run_config=cfg.to_dict())
         histories[guide_name] = result.history
-        fitted[guide_name] = (model, guide, data.to(device), result.seconds)
+        fitted[guide_name] = (model, guide, data.to(device))
     curves = figures.training_curves(histories, args.out / "curves.png")
 
-    model, guide, data, _ = fitted["amortized"]
+    model, guide, data = fitted["amortized"]
     x = data.batch("test", slice(0, args.datapoints))
     quick = dict(particles=8, max_steps=50, elbo_particles=32, iwae_samples=64) if args.quick else {}
     config = CompareConfig(refine_steps=tuple(args.study_refine_steps), refine_lr=args.refine_lr, seed=args.seed,
@@ -99,10 +101,7 @@ def main(argv=None) -> dict:
 
     print(f"{data.name}: {data.train.shape[0]} training images, latent size {args.latent_dim}, hidden "
           f"{args.hidden}, {args.epochs} epochs; the ELBO on training rows after training:")
-    for name in GUIDES:
-        record, seconds = histories[name][-1], fitted[name][3]
-        test = f", test ELBO {record['test_elbo']:9.3f}" if "test_elbo" in record else ""
-        print(f"  {name:<15} train ELBO {record['train_elbo']:9.3f} nats{test}  ({seconds:.1f} s of training)")
+    print_training(histories, 15)
     print(f"\nInference gaps on {len(x)} test images, the amortized run's decoder held fixed:")
     print(comparison_table(comparison))
     print(f"\nwrote {curves}, {', '.join(str(p) for p in paths)} and the run folders {', '.join(str(r) for r in runs.values())}")

@@ -58,14 +58,12 @@ from pyro import poutine
 from pyro.distributions import constraints
 
 import pvae
-from pvae import plots
 from pvae.compare import compare_inference
 from pvae.guides import AmortizedGuide, MeanFieldGuide
 from pvae.reports import comparison_table
-from pvae.run import write_comparison
 from pvae.utils import write_json
 
-from _study import add_study_arguments, study_config  # examples/_study.py: the gap study's flags
+from _study import add_study_arguments, study_config, write_study  # examples/_study.py
 
 QUICK = dict(batch_size=50, particles=10, max_steps=30, elbo_particles=100, iwae_samples=200, chunk_size=100)
 STUDY = dict(elbo_particles=1000, iwae_samples=2000)
@@ -244,8 +242,7 @@ def main(argv=None) -> dict:
     results = {"histories": histories, "comparison": comparison, "truth": truth, "fitted": fitted,
                "subspace": subspace, "pca": pca_figures, "closed_form": closed, "x_study": x.x.cpu()}
     if args.out is not None:
-        written = [plots.plot_curves(histories, args.out / "curves.png", keys=("train_elbo",)),
-                   *write_comparison(args.out, comparison, "compare")]
+        written = write_study(args.out, histories, comparison)
         loadings = {"true": truth["W"].tolist(), **{n: f["W"].tolist() for n, f in fitted.items()},
                     "subspace": {**subspace, "PCA": pca_figures}, "closed_form": closed}
         write_json(args.out / "loadings.json", loadings)

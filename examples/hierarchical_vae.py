@@ -49,14 +49,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import pvae
-from pvae import plots
 from pvae.compare import compare_inference
 from pvae.guides import AmortizedGuide, MeanFieldGuide, SemiAmortizedGuide
 from pvae.models.networks import mlp
 from pvae.reports import comparison_table
-from pvae.run import write_comparison
 
-from _study import add_study_arguments, study_config  # examples/_study.py: the gap study's flags
+from _study import add_study_arguments, print_training, study_config, write_study  # examples/_study.py
 
 GUIDES = ("amortized", "mean-field", "semi-amortized")
 
@@ -141,17 +139,12 @@ def main(argv=None) -> dict:
 
     print(f"two-layer VAE z1 ({args.top_dim}) -> z2 ({args.bottom_dim}) -> x on {data.name} "
           f"({data.train.shape[0]} training images), hidden {args.hidden}, {args.epochs} epochs; after training:")
-    for name in args.guides:
-        record = histories[name][-1]
-        test = f", test ELBO {record['test_elbo']:9.3f}" if "test_elbo" in record else ""
-        print(f"  {name:<15} train ELBO {record['train_elbo']:9.3f} nats{test}  "
-              f"({record['elapsed']:.1f} s of training)")
+    print_training(histories, 15)
     print(f"\nInference gaps on {len(x)} test images, the amortized run's model held fixed "
           f"(q* over {comparison.settings['family']}, from the encoder's q):")
     print(comparison_table(comparison))
     if args.out is not None:
-        written = [plots.plot_curves(histories, args.out / "curves.png", keys=("train_elbo",)),
-                   *write_comparison(args.out, comparison, "compare")]
+        written = write_study(args.out, histories, comparison)
         print(f"\nwrote {', '.join(str(p) for p in written)} and the run folders "
               f"{', '.join(str(args.out / n) for n in args.guides)}")
     return {"histories": histories, "comparison": comparison}

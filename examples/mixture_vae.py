@@ -48,14 +48,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import pvae
-from pvae import plots
 from pvae.compare import compare_inference
 from pvae.guides import AmortizedGuide, MeanFieldGuide
 from pvae.models.networks import mlp
 from pvae.reports import comparison_table
-from pvae.run import write_comparison
 
-from _study import add_study_arguments, study_config  # examples/_study.py: the gap study's flags
+from _study import add_study_arguments, print_training, study_config, write_study  # examples/_study.py
 
 GUIDES = ("amortized", "mean-field")
 
@@ -153,11 +151,7 @@ def main(argv=None) -> dict:
     print(f"mixture VAE, K = {args.components} components in {args.latent_dim}-D, on {data.name} "
           f"({data.train.shape[0]} training images), {args.epochs} epochs; site(s) "
           f"{', '.join(enumerated['amortized'])} summed out by enumeration; after training:")
-    for name in GUIDES:
-        record = histories[name][-1]
-        test = f", test ELBO {record['test_elbo']:9.3f}" if "test_elbo" in record else ""
-        print(f"  {name:<11} train ELBO {record['train_elbo']:9.3f} nats{test}  "
-              f"({record['elapsed']:.1f} s of training)")
+    print_training(histories, 11)
     print(f"\nthe amortized run's mixture weights: {', '.join(f'{w:.2f}' for w in weights.tolist())}")
     print(f"its {len(clusters)} test images in {len(clusters.unique())} clusters (argmax_c p(c | E_q[z])), "
           f"purity against their labels {score:.3f}")
@@ -165,8 +159,7 @@ def main(argv=None) -> dict:
           f"{comparison.settings['family']}, c summed out):")
     print(comparison_table(comparison))
     if args.out is not None:
-        written = [plots.plot_curves(histories, args.out / "curves.png", keys=("train_elbo",)),
-                   *write_comparison(args.out, comparison, "compare")]
+        written = write_study(args.out, histories, comparison)
         print(f"\nwrote {', '.join(str(p) for p in written)} and the run folders "
               f"{', '.join(str(args.out / n) for n in GUIDES)}")
     return {"histories": histories, "comparison": comparison, "enumerated": enumerated, "weights": weights,

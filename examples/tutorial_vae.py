@@ -47,13 +47,11 @@ import torch
 import torch.nn as nn
 
 import pvae
-from pvae import plots
 from pvae.compare import compare_inference
 from pvae.guides import MeanFieldGuide
 from pvae.reports import comparison_table
-from pvae.run import write_comparison
 
-from _study import add_study_arguments, study_config  # examples/_study.py: the gap study's flags
+from _study import add_study_arguments, print_training, study_config, write_study  # examples/_study.py
 
 # ----------------------------------------------------------------------------- Pyro's tutorial, 784 -> 64
 
@@ -211,17 +209,12 @@ def main(argv=None) -> dict:
 
     print(f"Pyro's tutorial VAE on {data.name}: {data.train.shape[0]} training images of 64 binary pixels, "
           f"z_dim {args.latent_dim}, hidden_dim {args.hidden}, {args.epochs} epochs; after training:")
-    for name in GUIDES:
-        record = histories[name][-1]
-        test = f", test ELBO {record['test_elbo']:9.3f}" if "test_elbo" in record else ""
-        print(f"  {name:<11} train ELBO {record['train_elbo']:9.3f} nats{test}  "
-              f"({record['elapsed']:.1f} s of training)")
+    print_training(histories, 11)
     print(f"\nInference gaps on {len(x)} test images, the amortized run's decoder held fixed (q* from the prior: "
           "vae.guide does not expose its parameters):")
     print(comparison_table(comparison))
     if args.out is not None:
-        written = [plots.plot_curves(histories, args.out / "curves.png", keys=("train_elbo",)),
-                   *write_comparison(args.out, comparison, "compare")]
+        written = write_study(args.out, histories, comparison)
         print(f"\nwrote {', '.join(str(p) for p in written)} and the run folders "
               f"{', '.join(str(args.out / n) for n in GUIDES)}")
     return {"histories": histories, "comparison": comparison}

@@ -20,8 +20,9 @@ an operation that fails when replayed, a custom ``torch.autograd.Function`` (its
 backward is not).
 
 A recording is simplified once, after it is made: a view that changes nothing (an ``expand`` or a
-``reshape`` to the shape it had, ``broadcast_tensors`` of tensors of one shape) is its input, and
-what is computed from constants alone (the prior's ``x.new_zeros(B, D)`` and ``1.0``, and the
+``reshape`` to the shape it had, ``broadcast_tensors`` of tensors of one shape) is its input, so is
+``x + 0``, ``x - 0``, ``x * 1`` or ``x / 1`` on a constant (unless ``x`` or the result is written
+into), and what is computed from constants alone (the prior's ``x.new_zeros(B, D)`` and ``1.0``, and the
 log-density's terms in them) is kept as computed.
 
 A tape is keyed by the batch's shapes, dtypes and devices, its size in the data set and its split,
